@@ -1,0 +1,1 @@
+"""lt_calib: calibrated long-tailed recognition (UniMix + Bayias) in JAX/Flax."""

@@ -1,0 +1,278 @@
+"""Dataset sources: offline `.npz` files of JPEG bytes, and TFDS.
+
+Both sources end in the same in-memory arrays (uint8 NHWC images, int labels)
+so the rest of the library never sees where the data came from. The offline
+path decodes with Pillow and needs no TensorFlow, so it runs on accelerator
+hosts that lack it; decoded arrays are cached (plain `.npz`, no pickles).
+
+Source resolution for `dataset.source='auto'`: the offline file of the dataset
+is looked up in, in this order, `dataset.data_file`, `$LT_CALIB_DATA_DIR`,
+`<repo>/data/` and `<repo>/../shared/data/`; if none exists, TFDS is used.
+"""
+
+import concurrent.futures
+import dataclasses
+import hashlib
+import io
+import logging
+import os
+import pathlib
+import zipfile
+from typing import Optional
+
+import numpy as np
+from PIL import Image
+
+from lt_calib import long_tail
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
+SOURCES = ("auto", "offline", "tfds")
+# LDAM-DRW / Prior-LT normalisation constants for both CIFARs.
+CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR_STD = (0.2023, 0.1994, 0.2010)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetInfo:
+  """Static facts about a dataset.
+
+  `pool_is_long_tailed` marks an offline pool that is already the rho=`pool_rho`
+  long-tailed split stored in kept order (Tiny-ImageNet-LT): any rho >= pool_rho
+  keeps the first n_c images of each class, which is the CIFAR-LT rule.
+  """
+  num_classes: int
+  image_size: int
+  n_max: int
+  offline_file: Optional[str]
+  tfds_name: Optional[str]
+  mean: tuple
+  std: tuple
+  pool_is_long_tailed: bool = False
+  pool_rho: float = 1.0
+
+
+DATASETS = {
+    "cifar10": DatasetInfo(10, 32, 5000, "cifar10_jpeg.npz", "cifar10",
+                           CIFAR_MEAN, CIFAR_STD),
+    # No offline copy ships here; a user may drop `cifar100_jpeg.npz` in the
+    # same format into any searched folder.
+    "cifar100": DatasetInfo(100, 32, 500, "cifar100_jpeg.npz", "cifar100",
+                            CIFAR_MEAN, CIFAR_STD),
+    "tiny_imagenet_lt": DatasetInfo(200, 64, 500, "tiny_imagenet_lt10_jpeg.npz",
+                                    None, IMAGENET_MEAN, IMAGENET_STD,
+                                    pool_is_long_tailed=True, pool_rho=10.0),
+}
+
+
+@dataclasses.dataclass
+class Dataset:
+  """A long-tailed training set and its balanced test set, in memory."""
+  train_images: np.ndarray  # uint8 [N, H, W, 3]
+  train_labels: np.ndarray  # int32 [N]
+  test_images: np.ndarray
+  test_labels: np.ndarray
+  info: DatasetInfo
+  prior: long_tail.ClassPrior
+  source: str               # human-readable origin, for the summary.
+
+
+def get_info(name: str) -> DatasetInfo:
+  """Looks up a dataset by name, with the allowed names in the error."""
+  if name not in DATASETS:
+    raise ValueError(f"dataset.name={name!r} is unknown; allowed: {sorted(DATASETS)}.")
+  return DATASETS[name]
+
+
+def candidate_paths(info: DatasetInfo, data_file: str = "") -> list:
+  """Offline file locations, in the order they are tried."""
+  paths = []
+  if data_file:
+    paths.append(pathlib.Path(data_file).expanduser())
+  if info.offline_file:
+    if os.environ.get("LT_CALIB_DATA_DIR"):
+      paths.append(pathlib.Path(os.environ["LT_CALIB_DATA_DIR"]) / info.offline_file)
+    paths.append(REPO_ROOT / "data" / info.offline_file)
+    paths.append(REPO_ROOT.parent / "shared" / "data" / info.offline_file)
+  return paths
+
+
+def _missing_data_message(name, paths):
+  tried = "\n  ".join(str(p) for p in paths) or "(no offline file for this dataset)"
+  return (f"no offline data file for dataset {name!r}; tried:\n  {tried}\n"
+          "Put the .npz file (format: ../shared/data/README.md) in one of these "
+          "places, point dataset.data_file or $LT_CALIB_DATA_DIR at it, or use "
+          "dataset.source='tfds' on a machine with a network.")
+
+
+def read_npz(path: pathlib.Path) -> dict:
+  """Loads an offline archive without pickles, with a clear error if broken."""
+  required = ("train_jpeg", "train_offsets", "train_labels", "test_jpeg",
+              "test_offsets", "test_labels")
+  try:
+    with np.load(path, allow_pickle=False) as archive:
+      missing = [k for k in required if k not in archive.files]
+      if missing:
+        raise ValueError(f"keys {missing} missing")
+      return {k: archive[k] for k in archive.files}
+  except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
+    raise ValueError(
+        f"cannot read offline data file {path}: {e}. It is corrupt or not in the "
+        "format of ../shared/data/README.md; replace it with a fresh copy.") from e
+
+
+def decode_jpegs(blob: np.ndarray, offsets: np.ndarray, indices: np.ndarray,
+                 image_size: int) -> np.ndarray:
+  """Decodes selected JPEGs of a concatenated blob to uint8 RGB [n, H, W, 3]."""
+  data = blob.tobytes()
+
+  def decode(i):
+    raw = data[offsets[i]:offsets[i + 1]]
+    # convert('RGB'): a few Tiny-ImageNet images are grayscale.
+    image = np.asarray(Image.open(io.BytesIO(raw)).convert("RGB"))
+    if image.shape != (image_size, image_size, 3):
+      raise ValueError(f"image {i} has shape {image.shape}, expected "
+                       f"{(image_size, image_size, 3)}.")
+    return image
+
+  # Pillow releases the GIL while decoding, so threads use every core.
+  with concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count()) as pool:
+    images = list(pool.map(decode, indices, chunksize=256))
+  return np.stack(images) if images else np.zeros((0, image_size, image_size, 3), np.uint8)
+
+
+def _cache_dir(cfg) -> pathlib.Path:
+  path = cfg.get("cache_dir") or os.environ.get("LT_CALIB_CACHE_DIR") or (
+      pathlib.Path.home() / ".cache" / "lt_calib")
+  return pathlib.Path(path).expanduser()
+
+
+def _decode_cached(path, archive, split, indices, info, cache_dir):
+  """Decodes (or loads from cache) the images `indices` of one split."""
+  stat = path.stat()
+  key = hashlib.sha1(
+      f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}:{split}".encode()
+      + np.ascontiguousarray(indices).tobytes()).hexdigest()[:16]
+  cache_file = cache_dir / f"{path.stem}_{split}_{key}.npy"
+  if cache_file.exists():
+    try:
+      return np.load(cache_file, allow_pickle=False)
+    except (OSError, ValueError) as e:  # A half-written cache is rebuilt.
+      logging.warning("ignoring unreadable cache %s: %s", cache_file, e)
+  images = decode_jpegs(archive[f"{split}_jpeg"], archive[f"{split}_offsets"],
+                        indices, info.image_size)
+  cache_dir.mkdir(parents=True, exist_ok=True)
+  tmp = cache_file.with_suffix(f".tmp{os.getpid()}.npy")
+  np.save(tmp, images, allow_pickle=False)
+  os.replace(tmp, cache_file)  # Atomic: concurrent runs never read half a file.
+  return images
+
+
+def train_indices(info: DatasetInfo, labels: np.ndarray, cfg) -> np.ndarray:
+  """Indices of the long-tailed training split within the stored pool."""
+  counts = long_tail.long_tail_counts(info.n_max, info.num_classes,
+                                      cfg.imbalance_ratio, cfg.imbalance_type)
+  if not info.pool_is_long_tailed:
+    return long_tail.select_long_tail(labels, counts, seed=cfg.lt_seed)
+  if cfg.imbalance_type != "exp" or cfg.imbalance_ratio < info.pool_rho:
+    raise ValueError(
+        f"the offline pool of this dataset is its rho={info.pool_rho:g} 'exp' "
+        f"split: dataset.imbalance_ratio must be >= {info.pool_rho:g} and "
+        "dataset.imbalance_type='exp'.")
+  # Stored in kept order: the first n_c of each class are the rho split.
+  return np.concatenate([np.where(labels == c)[0][:n] for c, n in enumerate(counts)])
+
+
+def test_indices(labels: np.ndarray, num_classes: int, subset: int) -> np.ndarray:
+  """All test indices, or a class-balanced subset (first k of each class)."""
+  if subset <= 0:
+    return np.arange(len(labels))
+  per_class = -(-subset // num_classes)
+  return np.sort(np.concatenate(
+      [np.where(labels == c)[0][:per_class] for c in range(num_classes)]))
+
+
+def _check_labels(labels, num_classes, what):
+  if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
+    raise ValueError(
+        f"{what} labels span [{labels.min()}, {labels.max()}], outside [0, "
+        f"{num_classes}): dataset.num_classes disagrees with the data.")
+
+
+def _load_offline(path, info, cfg):
+  archive = read_npz(path)
+  train_labels = archive["train_labels"].astype(np.int64)
+  test_labels = archive["test_labels"].astype(np.int64)
+  _check_labels(train_labels, info.num_classes, "training")
+  _check_labels(test_labels, info.num_classes, "test")
+  train_idx = train_indices(info, train_labels, cfg)
+  test_idx = test_indices(test_labels, info.num_classes, cfg.test_subset)
+  cache_dir = _cache_dir(cfg)
+  train_images = _decode_cached(path, archive, "train", train_idx, info, cache_dir)
+  test_images = _decode_cached(path, archive, "test", test_idx, info, cache_dir)
+  return (train_images, train_labels[train_idx], test_images,
+          test_labels[test_idx], f"offline:{path}")
+
+
+def _load_tfds(name, info, cfg):
+  """Reads a whole TFDS dataset into memory (fine for CIFAR-sized data)."""
+  if info.tfds_name is None:
+    raise ValueError(f"dataset {name!r} has no TFDS source; use its offline file.")
+  try:
+    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    raise ImportError("the TFDS source needs TensorFlow and TFDS: "
+                      "pip install -e '.[tfds]'") from e
+  splits = {}
+  for split in ("train", "test"):
+    images, labels = tfds.as_numpy(tfds.load(
+        info.tfds_name, split=split, batch_size=-1, as_supervised=True,
+        data_dir=cfg.get("tfds_data_dir") or None))
+    splits[split] = (np.asarray(images, np.uint8), np.asarray(labels, np.int64))
+  (train_images, train_labels), (test_images, test_labels) = splits["train"], splits["test"]
+  _check_labels(train_labels, info.num_classes, "training")
+  _check_labels(test_labels, info.num_classes, "test")
+  # TFDS stores CIFAR in its own shuffled order, so the same rule keeps the same
+  # class counts but not the same images as on the original files.
+  train_idx = train_indices(info, train_labels, cfg)
+  test_idx = test_indices(test_labels, info.num_classes, cfg.test_subset)
+  return (train_images[train_idx], train_labels[train_idx], test_images[test_idx],
+          test_labels[test_idx], f"tfds:{info.tfds_name}")
+
+
+def load_dataset(cfg) -> Dataset:
+  """Loads the long-tailed training set and the balanced test set.
+
+  Args:
+    cfg: the `config.dataset` ConfigDict (name, source, data_file, num_classes,
+      imbalance_ratio, imbalance_type, lt_seed, test_subset, cache_dir,
+      zero_count_smoothing).
+
+  Returns:
+    Dataset with the train prior computed once.
+  """
+  info = get_info(cfg.name)
+  if cfg.num_classes != info.num_classes:
+    raise ValueError(f"dataset.num_classes={cfg.num_classes} disagrees with "
+                     f"{cfg.name!r}, which has {info.num_classes} classes.")
+  if cfg.source not in SOURCES:
+    raise ValueError(f"dataset.source={cfg.source!r} is unknown; allowed: {SOURCES}.")
+  paths = candidate_paths(info, cfg.get("data_file", ""))
+  found = next((p for p in paths if p.is_file()), None)
+  if cfg.get("data_file") and found != paths[0]:
+    raise FileNotFoundError(f"dataset.data_file={cfg.data_file!r} does not exist.\n"
+                            + _missing_data_message(cfg.name, paths))
+  if cfg.source == "offline" and found is None:
+    raise FileNotFoundError(_missing_data_message(cfg.name, paths))
+  if cfg.source == "tfds" or found is None:
+    if info.tfds_name is None:
+      raise FileNotFoundError(_missing_data_message(cfg.name, paths))
+    arrays = _load_tfds(cfg.name, info, cfg)
+  else:
+    arrays = _load_offline(found, info, cfg)
+  train_images, train_labels, test_images, test_labels, source = arrays
+  prior = long_tail.class_prior(train_labels, info.num_classes,
+                                cfg.get("zero_count_smoothing", 0.0))
+  return Dataset(train_images, train_labels.astype(np.int32), test_images,
+                 test_labels.astype(np.int32), info, prior, source)

@@ -1,0 +1,73 @@
+"""ResNet for CIFAR (He et al. 2016, Sec. 4.2), as used by LDAM-DRW and Prior-LT.
+
+ResNet-(6n+2): a 3x3 stem, three stages of n BasicBlocks with 16/32/64
+channels (stride 1/2/2), global average pooling and a linear head. Shortcuts
+are option A: strided subsampling plus zero-padded channels, so they add no
+parameters. ResNet-32 (n = 5) with 10 classes has 464,154 parameters.
+"""
+
+import functools
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+# Kaiming-normal (fan-in, gain sqrt 2), untruncated like torch's kaiming_normal_.
+kaiming_normal = nn.initializers.variance_scaling(2.0, "fan_in", "normal")
+
+
+class BasicBlock(nn.Module):
+  """Two 3x3 conv-BN layers with an option-A shortcut."""
+  features: int
+  strides: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    conv = functools.partial(nn.Conv, kernel_size=(3, 3), padding=1, use_bias=False,
+                             kernel_init=kaiming_normal, dtype=self.dtype)
+    norm = functools.partial(nn.BatchNorm, use_running_average=not train,
+                             momentum=0.9, epsilon=1e-5, dtype=self.dtype)
+    y = nn.relu(norm()(conv(self.features, strides=self.strides)(x)))
+    y = norm()(conv(self.features)(y))
+    shortcut = x
+    if self.strides != 1 or x.shape[-1] != self.features:
+      # Option A: take every `strides`-th pixel and zero-pad the new channels.
+      shortcut = x[:, ::self.strides, ::self.strides, :]
+      extra = self.features - x.shape[-1]
+      shortcut = jnp.pad(shortcut, ((0, 0), (0, 0), (0, 0),
+                                    (extra // 2, extra - extra // 2)))
+    return nn.relu(y + shortcut)
+
+
+class ResNetCifar(nn.Module):
+  """CIFAR ResNet of depth 6n+2.
+
+  Attributes:
+    num_classes: output logits.
+    depth: 6n+2 (20, 32, 44, 56, 110; 8 for tests).
+    width: channels of the first stage (16 in the paper); stages use
+      width, 2 width, 4 width.
+    dtype: computation dtype (parameters stay float32).
+  """
+  num_classes: int
+  depth: int = 32
+  width: int = 16
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train: bool = True):
+    if (self.depth - 2) % 6 or self.depth < 8:
+      raise ValueError(f"model.depth must be 6n+2 with n >= 1, got {self.depth}.")
+    blocks = (self.depth - 2) // 6
+    x = nn.Conv(self.width, (3, 3), padding=1, use_bias=False,
+                kernel_init=kaiming_normal, dtype=self.dtype)(x)
+    x = nn.relu(nn.BatchNorm(use_running_average=not train, momentum=0.9,
+                             epsilon=1e-5, dtype=self.dtype)(x))
+    for stage in range(3):
+      for block in range(blocks):
+        strides = 2 if stage > 0 and block == 0 else 1
+        x = BasicBlock(self.width * 2 ** stage, strides, self.dtype)(x, train)
+    x = jnp.mean(x, axis=(1, 2))
+    x = nn.Dense(self.num_classes, kernel_init=kaiming_normal, dtype=self.dtype)(x)
+    return x.astype(jnp.float32)

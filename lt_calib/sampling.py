@@ -1,0 +1,97 @@
+"""Samplers of Algorithm 1, drawn on the accelerator from the run's key.
+
+- R, the random sampler: every epoch is a fresh permutation of the training
+  set (without replacement); step t of the epoch takes its t-th slice.
+- R*, the UniMix (class-level) sampler of Eq. 9: a class c with probability
+  P_inv(c) = pi_c^tau / sum_k pi_k^tau, then an image of c uniformly.
+  tau = 1 gives back a random draw with replacement, tau = 0 class-balanced.
+- In-batch pairing, as in the official PyTorch code: partner k of each sample
+  drawn from the same batch with probability proportional to n_{y_k}^tau.
+  The batch follows pi, so a partner's class follows n_c^(1+tau), not pi^tau.
+"""
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+class ClassIndex(NamedTuple):
+  """Training indices grouped by class, so R* can draw inside one class."""
+  order: jax.Array   # int32 [N]: training indices sorted by class (stable).
+  start: jax.Array   # int32 [C]: where class c begins in `order`.
+  counts: jax.Array  # int32 [C]: n_c.
+
+
+def class_index(labels: np.ndarray, num_classes: int) -> ClassIndex:
+  """Builds the per-class lookup used by `class_level_sample` (host side)."""
+  order = np.argsort(labels, kind="stable").astype(np.int32)
+  counts = np.bincount(labels, minlength=num_classes).astype(np.int32)
+  start = (np.cumsum(counts) - counts).astype(np.int32)
+  return ClassIndex(jnp.asarray(order), jnp.asarray(start), jnp.asarray(counts))
+
+
+def epoch_permutation_slice(key: jax.Array, step: jax.Array, num_examples: int,
+                            batch_size: int, steps_per_epoch: int) -> jax.Array:
+  """Indices of batch `step` under the random sampler R.
+
+  Args:
+    key: the run's data key; each epoch folds in its number, so any step of
+      any epoch is reproducible from the key alone (resumption included).
+    step: global step (traced).
+    num_examples: N.
+    batch_size: global batch size.
+    steps_per_epoch: N // batch_size (the last partial batch is dropped so
+      every step has the same shape and compiles once).
+
+  Returns:
+    int32 [batch_size] indices, distinct within an epoch.
+  """
+  epoch = step // steps_per_epoch
+  position = (step % steps_per_epoch) * batch_size
+  permutation = jax.random.permutation(jax.random.fold_in(key, epoch), num_examples)
+  return jax.lax.dynamic_slice_in_dim(permutation, position, batch_size)
+
+
+def class_level_log_probs(prior: np.ndarray, tau: float) -> np.ndarray:
+  """log P_inv(c) of Eq. 9: tau * log pi_c, normalised."""
+  logits = tau * np.log(prior)
+  return logits - np.logaddexp.reduce(logits)
+
+
+def class_level_sample(key: jax.Array, index: ClassIndex, log_class_probs: jax.Array,
+                       batch_size: int) -> jax.Array:
+  """Draws a batch from R*: class by P_inv, then an image of it uniformly.
+
+  Args:
+    key: PRNG key.
+    index: ClassIndex of the training set.
+    log_class_probs: [C] log P_inv(c) (see `class_level_log_probs`).
+    batch_size: number of draws (with replacement).
+
+  Returns:
+    int32 [batch_size] training indices.
+  """
+  class_key, member_key = jax.random.split(key)
+  classes = jax.random.categorical(class_key, log_class_probs, shape=(batch_size,))
+  counts = index.counts[classes]
+  offset = jax.random.randint(member_key, (batch_size,), 0, jnp.maximum(counts, 1))
+  return index.order[index.start[classes] + offset]
+
+
+def in_batch_partners(key: jax.Array, labels: jax.Array, log_counts: jax.Array,
+                      tau: float) -> jax.Array:
+  """Official-code pairing: partner of each sample drawn within the batch.
+
+  Args:
+    key: PRNG key.
+    labels: int [B] labels of the batch.
+    log_counts: [C] log n_c of the training set.
+    tau: exponent; weight of batch element k is n_{y_k}^tau.
+
+  Returns:
+    int32 [B] positions in the batch (with replacement).
+  """
+  logits = tau * log_counts[labels]
+  return jax.random.categorical(key, logits, shape=labels.shape).astype(jnp.int32)

@@ -1,0 +1,39 @@
+"""Install lt_calib: calibrated long-tailed recognition (UniMix + Bayias) in JAX."""
+
+import setuptools
+
+CORE = [
+    "jax>=0.6",
+    "flax>=0.10",
+    "optax>=0.2.4",
+    "orbax-checkpoint>=0.11",
+    "ml-collections>=0.1.1",
+    "absl-py",
+    "numpy>=1.24",
+    "pillow>=10",
+]
+
+EXTRAS = {
+    # TFDS source (CIFAR-100, ImageNet, iNaturalist with a network) and the
+    # TensorBoard writer of clu; accelerator hosts may run without them.
+    "tfds": ["tensorflow-cpu>=2.16", "tensorflow-datasets>=4.9", "clu>=0.0.12"],
+    # Plots, SVM experiment and reports.
+    "analysis": ["matplotlib>=3.8", "scikit-learn>=1.4", "scipy>=1.11"],
+}
+EXTRAS["test"] = sorted(
+    set(EXTRAS["tfds"] + EXTRAS["analysis"] + ["pytest>=8", "pytest-xdist>=3"])
+)
+EXTRAS["all"] = EXTRAS["test"]
+
+setuptools.setup(
+    name="lt_calib",
+    version="0.1.0",
+    description=(
+        "JAX/Flax reimplementation of UniMix + Bayias (Xu et al., NeurIPS 2021)"
+        " for calibrated long-tailed image recognition."
+    ),
+    packages=setuptools.find_packages(include=["lt_calib", "lt_calib.*"]),
+    python_requires=">=3.10",
+    install_requires=CORE,
+    extras_require=EXTRAS,
+)
