@@ -41,12 +41,13 @@ def paper_config(dataset: str, num_classes: int, tau: float) -> ml_collections.C
       warmup_epochs=5, decay_epochs=(160, 180), decay_factors=(0.01, 0.0001)))
   config.batch_size = 128
   config.num_epochs = 200
-  config.eval_batch_size = 500
+  config.eval_batch_size = 512
   config.eval_every_epochs = 10
   config.checkpoint_every_epochs = 10
   config.keep_checkpoints = 3
   config.log_every_steps = 100
   config.calibration_bins = 15
+  config.tensorboard = True    # TensorBoard events through clu (imports TensorFlow).
   return config
 
 
@@ -55,16 +56,17 @@ def apply_variant(config: ml_collections.ConfigDict, arg: str) -> ml_collections
   if arg in ("", None):
     return config
   if arg == "smoke":
-    # Tiny ResNet-8 (width 8), 2 epochs of batch 256 = 96 steps, mixing on
+    # Tiny ResNet-8 (width 8), 2 epochs of batch 512 = 48 steps, mixing on
     # for the first epoch only, 1,000 test images: a CPU end-to-end check.
     config.model.depth, config.model.width = 8, 8
-    config.batch_size, config.num_epochs = 256, 2
+    config.batch_size, config.num_epochs = 512, 2
     config.mix.stop_epoch = 1
     config.optim.warmup_epochs = 1
     config.optim.decay_epochs, config.optim.decay_factors = (), ()
     config.dataset.test_subset = 1000
     config.eval_every_epochs = config.checkpoint_every_epochs = 1
-    config.log_every_steps = 16
+    config.log_every_steps = 8
+    config.tensorboard = False
     return config
   if arg == "quick":
     # ResNet-32 for 6 epochs: the paper's schedule compressed (warm-up 1,

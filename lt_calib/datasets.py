@@ -220,16 +220,20 @@ def _load_tfds(name, info, cfg):
   if info.tfds_name is None:
     raise ValueError(f"dataset {name!r} has no TFDS source; use its offline file.")
   try:
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
     import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   except ImportError as e:
     raise ImportError("the TFDS source needs TensorFlow and TFDS: "
                       "pip install -e '.[tfds]'") from e
+  # TensorFlow must not take accelerator memory that JAX needs.
+  tf.config.set_visible_devices([], "GPU")
   splits = {}
   for split in ("train", "test"):
-    images, labels = tfds.as_numpy(tfds.load(
-        info.tfds_name, split=split, batch_size=-1, as_supervised=True,
-        data_dir=cfg.get("tfds_data_dir") or None))
-    splits[split] = (np.asarray(images, np.uint8), np.asarray(labels, np.int64))
+    dataset = tfds.load(info.tfds_name, split=split, as_supervised=True,
+                        data_dir=cfg.get("tfds_data_dir") or None)
+    chunks = list(tfds.as_numpy(dataset.batch(8192)))
+    splits[split] = (np.concatenate([c[0] for c in chunks]).astype(np.uint8),
+                     np.concatenate([c[1] for c in chunks]).astype(np.int64))
   (train_images, train_labels), (test_images, test_labels) = splits["train"], splits["test"]
   _check_labels(train_labels, info.num_classes, "training")
   _check_labels(test_labels, info.num_classes, "test")
@@ -276,3 +280,79 @@ def load_dataset(cfg) -> Dataset:
                                 cfg.get("zero_count_smoothing", 0.0))
   return Dataset(train_images, train_labels.astype(np.int32), test_images,
                  test_labels.astype(np.int32), info, prior, source)
+
+
+def validation_indices(labels: np.ndarray, kept_train_indices: np.ndarray,
+                       per_class: int, seed: int = 0) -> np.ndarray:
+  """A per-class validation split from training-pool images left out of training.
+
+  Only pool images NOT in the long-tailed training set are candidates, so the
+  standard CIFAR-LT training set is unchanged and the split never touches the
+  test set. Each class (in class order, one `np.random.RandomState(seed)`)
+  draws `per_class` of its unused images; a class with fewer unused images
+  (class 0 of CIFAR-10-LT keeps all 5,000) gives what it has -- callers
+  record the actual counts with `np.bincount(labels[indices])`.
+
+  Args:
+    labels: int [N] labels of the whole training pool.
+    kept_train_indices: indices of the training set within the pool.
+    per_class: images wanted per class.
+    seed: seed of the RandomState.
+
+  Returns:
+    int64 sorted pool indices.
+  """
+  labels = np.asarray(labels)
+  unused = np.ones(len(labels), bool)
+  unused[np.asarray(kept_train_indices, np.int64)] = False
+  rng = np.random.RandomState(seed)
+  chosen = []
+  for c in range(int(labels.max()) + 1 if labels.size else 0):
+    candidates = np.where(unused & (labels == c))[0]
+    chosen.append(rng.permutation(candidates)[:per_class])
+  if not chosen:
+    return np.zeros(0, np.int64)
+  return np.sort(np.concatenate(chosen)).astype(np.int64)
+
+
+def load_validation_split(cfg, per_class: int, seed: int = 0) -> tuple:
+  """Images and labels of `validation_indices` for the config's training set.
+
+  Offline source only (the TFDS pool is in another order, so its unused
+  images differ); raises FileNotFoundError without an offline file.
+
+  Args:
+    cfg: the `config.dataset` ConfigDict of the run.
+    per_class: images wanted per class.
+    seed: seed of the split.
+
+  Returns:
+    (uint8 images [n, H, W, 3], int32 labels [n]).
+  """
+  info = get_info(cfg.name)
+  paths = candidate_paths(info, cfg.get("data_file", ""))
+  found = next((p for p in paths if p.is_file()), None)
+  if found is None or cfg.get("source", "auto") == "tfds":
+    raise FileNotFoundError("the validation split needs the offline data file.\n"
+                            + _missing_data_message(cfg.name, paths))
+  archive = read_npz(found)
+  labels = archive["train_labels"].astype(np.int64)
+  index = validation_indices(labels, train_indices(info, labels, cfg), per_class, seed)
+  images = _decode_cached(found, archive, "train", index, info, _cache_dir(cfg))
+  return images, labels[index].astype(np.int32)
+
+
+def load_class_names(cfg) -> Optional[list]:
+  """Class names stored in the offline file (`class_names`), else None."""
+  info = get_info(cfg.name)
+  found = next((p for p in candidate_paths(info, cfg.get("data_file", ""))
+                if p.is_file()), None)
+  if found is None:
+    return None
+  try:
+    with np.load(found, allow_pickle=False) as archive:  # Reads only this key.
+      if "class_names" in archive.files:
+        return [str(n) for n in archive["class_names"]]
+  except (OSError, ValueError, zipfile.BadZipFile):
+    pass
+  return None

@@ -22,13 +22,9 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  # TensorFlow (TFDS source only) must not grab accelerator memory meant for JAX.
+  # TensorFlow is imported only by the TFDS source and the TensorBoard
+  # writer; keep its C++ logging quiet when it is.
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-  try:
-    import tensorflow as tf  # pylint: disable=g-import-not-at-top
-    tf.config.set_visible_devices([], "GPU")
-  except ImportError:
-    pass
   from lt_calib import train  # pylint: disable=g-import-not-at-top
   logging.info("config:\n%s", FLAGS.config)
   train.train_and_evaluate(FLAGS.config, FLAGS.workdir)

@@ -23,8 +23,15 @@ class _LoggingWriter:
     pass
 
 
-def create_writer(workdir: str):
-  """clu.metric_writers default writer (TensorBoard + logging) when available."""
+def create_writer(workdir: str, tensorboard: bool = True):
+  """clu.metric_writers default writer (TensorBoard + logging) when available.
+
+  Args:
+    workdir: where TensorBoard event files go.
+    tensorboard: False skips clu, whose import of TensorFlow costs seconds.
+  """
+  if not tensorboard:
+    return _LoggingWriter()
   try:
     from clu import metric_writers  # pylint: disable=g-import-not-at-top
   except ImportError:

@@ -20,7 +20,7 @@ import json
 import logging
 import pathlib
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax
 from flax.training import train_state
@@ -251,7 +251,54 @@ def _evaluate_and_record(eval_fn, state, dataset, config, sharding, epoch, step)
   record = metrics.summarize(logits, labels, dataset.prior.counts,
                              num_bins=config.calibration_bins)
   record.update(epoch=epoch, step=step)
-  return record
+  return record, logits
+
+
+class Setup(NamedTuple):
+  """A run's compiled functions, initial state and device-resident data."""
+  update: Any      # (state, *arrays) -> (state, stats), jitted, state donated.
+  eval_fn: Any     # (state, uint8 images) -> logits, jitted.
+  state: TrainState
+  arrays: tuple    # (train_images, train_labels, step_cfg) on the devices.
+  step_cfg: StepConfig
+
+
+def build(config, dataset: datasets.Dataset, mesh) -> Setup:
+  """Builds the model, optimizer, initial state and the compiled step.
+
+  Args:
+    config: experiment config.
+    dataset: loaded Dataset (its prior feeds sampler, mixing and loss).
+    mesh: device mesh with a 'data' axis.
+
+  Returns:
+    Setup.
+  """
+  replicated, data_sharded = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+  step_cfg = make_step_config(config, dataset)
+  loss_fn = losses.make_loss(config.loss, dataset.prior)
+  tx, schedule = make_optimizer(config, step_cfg.steps_per_epoch)
+  model = models.create_model(config.model, dataset.info.num_classes)
+  # One key for the run: init, the sampler's epoch permutations, and a root
+  # folded with the global step, so a resumed run draws the same numbers.
+  init_key, data_key, step_root = jax.random.split(jax.random.key(config.seed), 3)
+  state = create_train_state(init_key, model, dataset.train_images.shape[1:], tx)
+
+  @functools.partial(jax.jit, donate_argnums=(0,), out_shardings=(replicated, replicated))
+  def update(state, train_images, train_labels, step_cfg):
+    step_key = jax.random.fold_in(step_root, state.step)
+    batch_key, mix_key = jax.random.split(step_key)
+    batch = prepare_batch(train_images, train_labels, state.step, batch_key,
+                          data_key, step_cfg)
+    batch = jax.lax.with_sharding_constraint(batch, data_sharded)
+    new_state, stats = train_step(state, batch, mix_key, step_cfg, loss_fn)
+    stats["learning_rate"] = schedule(state.step)
+    return new_state, stats
+
+  eval_fn = jax.jit(functools.partial(eval_step, mean=dataset.info.mean,
+                                      std=dataset.info.std), out_shardings=replicated)
+  arrays = jax.device_put((dataset.train_images, dataset.train_labels, step_cfg), replicated)
+  return Setup(update, eval_fn, jax.device_put(state, replicated), arrays, step_cfg)
 
 
 def make_mesh() -> jax.sharding.Mesh:
@@ -279,23 +326,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   mesh = make_mesh()
-  replicated, data_sharded = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+  replicated = NamedSharding(mesh, P())
   config_checks.check_config(config, jax.device_count())
 
   dataset = datasets.load_dataset(config.dataset)
   logging.info("data: %s; %d train images, counts %s; %d test images",
                dataset.source, len(dataset.train_labels), dataset.prior.counts.tolist(),
                len(dataset.test_labels))
-  step_cfg = make_step_config(config, dataset)
-  loss_fn = losses.make_loss(config.loss, dataset.prior)
+  setup = build(config, dataset, mesh)
+  state, step_cfg, eval_fn = setup.state, setup.step_cfg, setup.eval_fn
   total_steps = config.num_epochs * step_cfg.steps_per_epoch
-  tx, schedule = make_optimizer(config, step_cfg.steps_per_epoch)
-  model = models.create_model(config.model, dataset.info.num_classes)
-
-  key = jax.random.key(config.seed)
-  init_key, data_key, step_root = jax.random.split(key, 3)
-  state = create_train_state(init_key, model, dataset.train_images.shape[1:], tx)
-  state = jax.device_put(state, replicated)
   manager = _checkpoint_manager(workdir, config)
   if manager.latest_step() is not None:
     state = manager.restore(manager.latest_step(),
@@ -304,32 +344,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   start_step = int(state.step)
   (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
 
-  train_images = jax.device_put(dataset.train_images, replicated)
-  train_labels = jax.device_put(dataset.train_labels, replicated)
-  step_cfg = jax.device_put(step_cfg, replicated)
-
-  @functools.partial(jax.jit, donate_argnums=(0,), out_shardings=(replicated, replicated))
-  def update(state, train_images, train_labels, step_cfg):
-    step_key = jax.random.fold_in(step_root, state.step)
-    batch_key, mix_key = jax.random.split(step_key)
-    batch = prepare_batch(train_images, train_labels, state.step, batch_key,
-                          data_key, step_cfg)
-    batch = jax.lax.with_sharding_constraint(batch, data_sharded)
-    new_state, stats = train_step(state, batch, mix_key, step_cfg, loss_fn)
-    stats["learning_rate"] = schedule(state.step)
-    return new_state, stats
-
-  eval_fn = jax.jit(functools.partial(eval_step, mean=dataset.info.mean,
-                                      std=dataset.info.std), out_shardings=replicated)
-
-  writer = reporting.create_writer(str(workdir))
+  writer = reporting.create_writer(str(workdir), config.tensorboard)
   progress = reporting.Progress(total_steps, config.batch_size, start_step)
   history, last_checkpoint, best = [], manager.latest_step(), None
   spe = step_cfg.steps_per_epoch
   evaluations = []
   try:
     for step in range(start_step, total_steps):
-      state, stats = update(state, train_images, train_labels, step_cfg)
+      state, stats = setup.update(state, *setup.arrays)
       history.append((step, stats))
       done = step + 1
       epoch_done = done % spe == 0
@@ -348,8 +370,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         continue
       epoch = done // spe
       if epoch % config.eval_every_epochs == 0 or done == total_steps:
-        record = _evaluate_and_record(eval_fn, state, dataset, config,
-                                      replicated, epoch, done)
+        record, logits = _evaluate_and_record(eval_fn, state, dataset, config,
+                                              replicated, epoch, done)
         evaluations.append(record)
         reporting.append_jsonl(workdir / "metrics.jsonl", record)
         writer.write_scalars(done, {f"test/{k}": v for k, v in record.items()
@@ -365,8 +387,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     manager.wait_until_finished()
     writer.flush()
 
-  final = evaluations[-1] if evaluations else _evaluate_and_record(
-      eval_fn, state, dataset, config, replicated, total_steps // spe, total_steps)
+  if evaluations and evaluations[-1]["step"] == total_steps:
+    final = evaluations[-1]
+  else:  # A resumed run whose last evaluation happened before the restart.
+    final, logits = _evaluate_and_record(eval_fn, state, dataset, config, replicated,
+                                         total_steps // spe, total_steps)
   summary = {
       "final": final,
       "best_epoch_top1": None if best is None else {

@@ -1,0 +1,263 @@
+"""Evaluates a checkpoint: calibration report, temperature scaling, label shift.
+
+  python -m lt_calib.evaluate --workdir=DIR [--checkpoint=STEP] \
+      [--test_rho=100,10,1,0.1,0.01] [--val_per_class=50] [--out=DIR] \
+      [--bayias_runs=100:DIR_A,0.01:DIR_B]
+
+The model is rebuilt from DIR/config.json and the checkpoint restored; the
+logits of the FULL balanced test set are computed once (a smoke run's
+`test_subset` is overridden by --test_subset, default 0 = all), then every
+test prior reuses them through `posthoc.resample_test_set` indices.
+
+Writes to --out (default DIR): the PNGs and report.md of `report.write_report`
+for the first rho' of --test_rho (rho' = 1 if listed), evaluation.json, and
+with several rho' the Table D2-style label_shift.md / label_shift.csv: rows
+'raw' (logits as trained), 'prior-corrected' (z + log pi' - log pi_ref,
+`posthoc.reference_log_prior`) and, per rho' given in --bayias_runs, the raw
+logits of a model trained with Bayias against that rho' prior
+(`--config.loss.test_prior=$(python -c "from lt_calib import posthoc;
+print(posthoc.test_prior_spec(RHO, C))")`).
+"""
+
+import csv
+import dataclasses
+import functools
+import json
+import logging
+import pathlib
+from typing import Callable, Optional
+
+from absl import app
+from absl import flags
+import jax
+from jax.sharding import NamedSharding, PartitionSpec as P
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+
+from lt_calib import datasets, losses, metrics, models, posthoc, report, train
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("workdir", None, "Training workdir (config.json, checkpoints/).")
+flags.DEFINE_integer("checkpoint", None, "Checkpoint step; default: the latest.")
+flags.DEFINE_list("test_rho", ["1"], "Test imbalance factors rho' (comma list).")
+flags.DEFINE_integer("val_per_class", 50, "Validation images per class for "
+                     "temperature scaling (unused training-pool images); 0 = off.")
+flags.DEFINE_integer("test_subset", 0, "Test subset size; 0 = the full test set.")
+flags.DEFINE_integer("resample_seed", 0, "Seed of the resampled test sets.")
+flags.DEFINE_list("bayias_runs", [], "RHO:WORKDIR pairs of Bayias runs trained "
+                  "for the rho' test prior (Table D2's 'Bayias' row).")
+flags.DEFINE_string("out", None, "Output folder; default: --workdir.")
+
+
+@dataclasses.dataclass
+class Run:
+  """A restored run: its config, data, checkpoint step and a logits function."""
+  config: ml_collections.ConfigDict
+  dataset: datasets.Dataset
+  step: int
+  logits_fn: Callable[[np.ndarray], np.ndarray]
+  test_logits: np.ndarray
+
+
+def load_run(workdir, checkpoint: Optional[int] = None, test_subset: int = 0) -> Run:
+  """Rebuilds a run's model from config.json and restores a checkpoint.
+
+  Args:
+    workdir: training workdir.
+    checkpoint: step to restore; None = the latest.
+    test_subset: overrides dataset.test_subset (0 = full test set).
+
+  Returns:
+    Run, with the raw logits of the test set already computed.
+  """
+  workdir = pathlib.Path(workdir)
+  config = ml_collections.ConfigDict(json.loads((workdir / "config.json").read_text()))
+  config.dataset.test_subset = test_subset
+  dataset = datasets.load_dataset(config.dataset)
+  model = models.create_model(config.model, dataset.info.num_classes)
+  tx, _ = train.make_optimizer(config, len(dataset.train_labels) // config.batch_size)
+  replicated = NamedSharding(train.make_mesh(), P())
+  state = jax.device_put(train.create_train_state(
+      jax.random.key(0), model, dataset.train_images.shape[1:], tx), replicated)
+  manager = ocp.CheckpointManager((workdir / "checkpoints").resolve(),
+                                  options=ocp.CheckpointManagerOptions(read_only=True))
+  step = manager.latest_step() if checkpoint is None else checkpoint
+  if step is None or step not in manager.all_steps():
+    raise FileNotFoundError(f"checkpoint {step} not in {workdir / 'checkpoints'}; "
+                            f"available: {list(manager.all_steps())}.")
+  state = manager.restore(step, args=ocp.args.StandardRestore(state))
+  manager.close()
+  eval_fn = jax.jit(functools.partial(train.eval_step, mean=dataset.info.mean,
+                                      std=dataset.info.std), out_shardings=replicated)
+
+  def logits_fn(images):
+    return train.evaluate(eval_fn, state, images, None, config.eval_batch_size,
+                          replicated)[0]
+
+  return Run(config, dataset, int(step), logits_fn, logits_fn(dataset.test_images))
+
+
+def shifted_log_prior(labels, indices, num_classes) -> np.ndarray:
+  """log pi' of a resampled test set: its exact label proportions."""
+  counts = np.bincount(np.asarray(labels)[indices], minlength=num_classes)
+  return np.log(counts / counts.sum())
+
+
+def label_shift_rows(run: Run, rhos, seed=0, bayias_logits=None) -> list:
+  """Table D2 rows: top-1/ECE/NLL per method and rho'.
+
+  Args:
+    run: the evaluated run (full test set logits).
+    rhos: test imbalance factors rho'.
+    seed: seed of `posthoc.resample_test_set`.
+    bayias_logits: optional {rho': full test logits of a Bayias model trained
+      for that test prior}.
+
+  Returns:
+    list of dicts (method, test_rho, num_images, top1, mean_class_acc, ece, nll).
+  """
+  labels, counts = run.dataset.test_labels, run.dataset.prior.counts
+  num_classes = run.test_logits.shape[1]
+  log_ref = posthoc.reference_log_prior(run.config.loss, run.dataset.prior.prior)
+  bins = run.config.calibration_bins
+  rows = []
+  for rho in rhos:
+    idx = posthoc.resample_test_set(labels, rho, num_classes, seed)
+    log_test = shifted_log_prior(labels, idx, num_classes)
+    methods = {"raw": run.test_logits[idx],
+               "prior-corrected": posthoc.prior_correction(run.test_logits[idx],
+                                                           log_ref, log_test)}
+    if bayias_logits and rho in bayias_logits:
+      methods["Bayias trained for pi'"] = bayias_logits[rho][idx]
+    for method, logits in methods.items():
+      s = metrics.summarize(logits, labels[idx], counts, bins)
+      rows.append({"method": method, "test_rho": rho, "num_images": len(idx),
+                   **{k: s[k] for k in ("top1", "mean_class_acc", "ece", "nll")}})
+  return rows
+
+
+def label_shift_markdown(rows, description="") -> str:
+  """Tables (methods x rho') of top-1 %, ECE % and NLL."""
+  rhos = list(dict.fromkeys(r["test_rho"] for r in rows))
+  methods = list(dict.fromkeys(r["method"] for r in rows))
+  cell = {(r["method"], r["test_rho"]): r for r in rows}
+  sizes = {r["test_rho"]: r["num_images"] for r in rows}
+  text = [description, ""] if description else []
+  for key, name, scale in (("top1", "Top-1 accuracy (%)", 100),
+                           ("ece", "ECE (%, 15 bins)", 100), ("nll", "NLL", 1)):
+    text += [f"**{name}**", "", "| method | " + " | ".join(
+        f"rho'={r:g} (n={sizes[r]})" for r in rhos) + " |",
+             "| --- |" + " ---: |" * len(rhos)]
+    for m in methods:
+      values = [cell.get((m, r), {}).get(key) for r in rhos]
+      text.append(f"| {m} | " + " | ".join(
+          "" if v is None else f"{scale * v:.2f}" for v in values) + " |")
+    text.append("")
+  return "\n".join(text)
+
+
+def _parse_runs(pairs) -> dict:
+  runs = {}
+  for pair in pairs:
+    rho, sep, path = pair.partition(":")
+    if not sep:
+      raise app.UsageError(f"--bayias_runs entry {pair!r} is not RHO:WORKDIR.")
+    runs[float(rho)] = path
+  return runs
+
+
+def _check_bayias_run(run: Run, rho, n_per_class):
+  expected = posthoc.shifted_counts(n_per_class, run.test_logits.shape[1], rho)
+  trained = losses.parse_test_prior(run.config.loss.get("test_prior", "uniform"),
+                                    len(expected))
+  if run.config.loss.name != "bayias" or not np.allclose(
+      trained, expected / expected.sum(), atol=1e-6):
+    logging.warning("run for rho'=%g was not trained with Bayias for that test "
+                    "prior (loss %s, test_prior %s).", rho, run.config.loss.name,
+                    run.config.loss.get("test_prior"))
+
+
+def evaluate_workdir(workdir, checkpoint=None, test_rhos=(1.0,), val_per_class=50,
+                     out=None, test_subset=0, seed=0, bayias_runs=None) -> dict:
+  """Everything the CLI does; returns what it writes to evaluation.json."""
+  out = pathlib.Path(out or workdir)
+  out.mkdir(parents=True, exist_ok=True)
+  run = load_run(workdir, checkpoint, test_subset)
+  labels, counts = run.dataset.test_labels, run.dataset.prior.counts
+  num_classes = run.test_logits.shape[1]
+  main_rho = 1.0 if 1.0 in test_rhos else test_rhos[0]
+  idx = posthoc.resample_test_set(labels, main_rho, num_classes, seed)
+  logits = run.test_logits[idx]
+  config = run.config
+  title = (f"{config.dataset.name} rho={config.dataset.imbalance_ratio:g} "
+           f"{config.mix.name}+{config.loss.name} step {run.step} test rho'={main_rho:g}")
+  temperature = None
+  if val_per_class > 0:
+    try:
+      images, val_labels = datasets.load_validation_split(config.dataset, val_per_class)
+      temperature = report.temperature_section(
+          run.logits_fn(images), val_labels, logits, labels[idx], counts,
+          config.calibration_bins)
+    except FileNotFoundError as e:
+      logging.warning("temperature scaling skipped: %s", e)
+  extra = []
+  if main_rho != 1.0:
+    corrected = posthoc.prior_correction(
+        logits, posthoc.reference_log_prior(config.loss, run.dataset.prior.prior),
+        shifted_log_prior(labels, idx, num_classes))
+    extra.append((f"Post-hoc prior correction for rho'={main_rho:g}", report.summary_table(
+        {"raw": metrics.summarize(logits, labels[idx], counts, config.calibration_bins),
+         "prior-corrected": metrics.summarize(corrected, labels[idx], counts,
+                                              config.calibration_bins)})))
+  result = {"workdir": str(workdir), "checkpoint_step": run.step, "test_rho": main_rho,
+            "num_test_images": len(idx), "resample_seed": seed}
+  if len(test_rhos) > 1 or bayias_runs:
+    bayias_logits = {}
+    n_per_class = int(np.bincount(labels, minlength=num_classes).min())
+    for rho, path in (bayias_runs or {}).items():
+      other = load_run(path, None, test_subset)
+      _check_bayias_run(other, rho, n_per_class)
+      bayias_logits[rho] = other.test_logits
+    rows = label_shift_rows(run, test_rhos, seed, bayias_logits)
+    description = (
+        f"Checkpoint {workdir} step {run.step} ({config.loss.name} loss; reference prior "
+        f"of its logits: {'pi_t of loss.test_prior' if config.loss.name == 'bayias' else 'pi_train'}). "
+        f"Test sets resampled from the full test set with seed {seed} "
+        "(`posthoc.resample_test_set`).")
+    table = label_shift_markdown(rows, description)
+    (out / "label_shift.md").write_text("# Test label shift (Table D2 protocol)\n\n"
+                                        + table)
+    with open(out / "label_shift.csv", "w", newline="") as f:
+      writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+      writer.writeheader()
+      writer.writerows(rows)
+    extra.append(("Test label shift (label_shift.md)", table))
+    result["label_shift"] = rows
+  summary = report.write_report(out, logits, labels[idx], counts, config.calibration_bins,
+                                title, extra, temperature,
+                                datasets.load_class_names(config.dataset))
+  result["summary"] = summary
+  if temperature is not None:
+    result["temperature"] = temperature
+  (out / "evaluation.json").write_text(json.dumps(result, indent=2) + "\n")
+  return result
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if not FLAGS.workdir:
+    raise app.UsageError("--workdir is required.")
+  result = evaluate_workdir(
+      FLAGS.workdir, FLAGS.checkpoint, [float(r) for r in FLAGS.test_rho],
+      FLAGS.val_per_class, FLAGS.out, FLAGS.test_subset, FLAGS.resample_seed,
+      _parse_runs(FLAGS.bayias_runs))
+  s = result["summary"]
+  print(f"step {result['checkpoint_step']} rho'={result['test_rho']:g}: top1 "
+        f"{100 * s['top1']:.2f}% ECE {100 * s['ece']:.2f}% NLL {s['nll']:.4f}; report in "
+        f"{pathlib.Path(FLAGS.out or FLAGS.workdir) / 'report.md'}")
+
+
+if __name__ == "__main__":
+  app.run(main)

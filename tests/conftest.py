@@ -1,0 +1,53 @@
+"""Shared test fixtures: offline data location, decoded-image cache, tiny configs."""
+
+import os
+import pathlib
+
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+CIFAR10_NPZ = REPO.parent / "shared" / "data" / "cifar10_jpeg.npz"
+
+
+def pytest_configure(config):
+  del config
+  os.environ.setdefault("JAX_PLATFORMS", "cpu")
+  # Several tests train the same tiny model: a persistent compilation cache
+  # (inherited by subprocesses) compiles each step function once per session.
+  cache = REPO / ".cache" / "jax_compilation"
+  os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(cache))
+  os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+  os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+
+
+@pytest.fixture(scope="session")
+def cifar10_file():
+  path = pathlib.Path(os.environ.get("LT_CALIB_DATA_DIR", CIFAR10_NPZ.parent)) / "cifar10_jpeg.npz"
+  if not path.exists():
+    pytest.skip(f"offline CIFAR-10 not found at {path}")
+  return path
+
+
+@pytest.fixture(scope="session", autouse=True)
+def decoded_cache(tmp_path_factory):
+  """One decoded-image cache for the whole session (decoding costs seconds)."""
+  path = os.environ.get("LT_CALIB_CACHE_DIR") or str(tmp_path_factory.mktemp("cache"))
+  os.environ["LT_CALIB_CACHE_DIR"] = path
+  return path
+
+
+def tiny_config(**overrides):
+  """The :smoke config shrunk further: 12 steps an epoch, 200 test images."""
+  from configs import cifar10_lt  # pylint: disable=g-import-not-at-top
+  config = cifar10_lt.get_config("smoke")
+  config.model.width = 4
+  config.batch_size = 1024
+  config.dataset.test_subset = 200
+  config.log_every_steps = 4
+  for dotted, value in overrides.items():
+    node = config
+    *parents, leaf = dotted.split("__")
+    for name in parents:
+      node = node[name]
+    node[leaf] = value
+  return config

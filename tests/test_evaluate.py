@@ -1,0 +1,121 @@
+"""Tests of the validation split, the label-shift table and `python -m lt_calib.evaluate`."""
+
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import ml_collections
+import numpy as np
+import pytest
+
+from lt_calib import datasets, evaluate, long_tail, posthoc, report, train
+from tests.conftest import REPO, tiny_config
+
+
+def test_validation_indices_avoid_training_set_and_record_shortfall():
+  labels = np.repeat(np.arange(3), [10, 30, 30])
+  kept = np.concatenate([np.arange(10), np.arange(10, 20), np.arange(40, 45)])
+  idx = datasets.validation_indices(labels, kept, per_class=12, seed=0)
+  assert not set(idx) & set(kept)
+  # Class 0 has no unused image, class 1 has 20 (12 taken), class 2 has 25.
+  assert np.bincount(labels[idx], minlength=3).tolist() == [0, 12, 12]
+  np.testing.assert_array_equal(idx, datasets.validation_indices(labels, kept, 12, 0))
+  assert not np.array_equal(idx, datasets.validation_indices(labels, kept, 12, 1))
+  few = datasets.validation_indices(labels, kept, per_class=22, seed=0)
+  assert np.bincount(labels[few], minlength=3).tolist() == [0, 20, 22]
+
+
+def test_cifar10_validation_split_leaves_the_lt_training_set_unchanged(cifar10_file):
+  cfg = tiny_config().dataset
+  with np.load(cifar10_file, allow_pickle=False) as archive:
+    pool = archive["train_labels"]
+  info = datasets.get_info("cifar10")
+  kept = datasets.train_indices(info, pool, cfg)
+  # Same rule as before: CIFAR-10-LT-100 keeps 12,406 images.
+  assert len(kept) == 12406
+  idx = datasets.validation_indices(pool, kept, per_class=50, seed=0)
+  assert not set(idx) & set(kept)
+  # Class 0 keeps all of its 5,000 images, so none is left for validation.
+  assert np.bincount(pool[idx], minlength=10).tolist() == [0] + [50] * 9
+  images, labels = datasets.load_validation_split(cfg, 50)
+  assert images.shape == (450, 32, 32, 3) and images.dtype == np.uint8
+  np.testing.assert_array_equal(labels, pool[idx])
+
+
+def test_label_shift_rows_and_table():
+  rng = np.random.RandomState(0)
+  counts = long_tail.long_tail_counts(500, 10, 100.0)
+  labels = np.repeat(np.arange(10), 100)
+  logits = rng.randn(1000, 10) + np.log(counts / counts.sum())
+  logits[np.arange(1000), labels] += 1.5
+  config = ml_collections.ConfigDict(
+      {"loss": {"name": "ce", "test_prior": "uniform"}, "calibration_bins": 15})
+  data = datasets.Dataset(None, None, None, labels, datasets.get_info("cifar10"),
+                          long_tail.class_prior(np.repeat(np.arange(10), counts), 10),
+                          "fake")
+  run = evaluate.Run(config, data, 0, None, logits)
+  rows = evaluate.label_shift_rows(run, [100, 1, 0.01], bayias_logits={0.01: logits})
+  assert [(r["method"], r["test_rho"]) for r in rows] == [
+      ("raw", 100), ("prior-corrected", 100), ("raw", 1), ("prior-corrected", 1),
+      ("raw", 0.01), ("prior-corrected", 0.01), ("Bayias trained for pi'", 0.01)]
+  assert [r["num_images"] for r in rows[::2][:2]] == [
+      sum(posthoc.shifted_counts(100, 10, 100)), 1000]
+  by = {(r["method"], r["test_rho"]): r["top1"] for r in rows}
+  # CE logits carry the train prior: correcting to the reversed test prior helps.
+  assert by[("prior-corrected", 0.01)] > by[("raw", 0.01)]
+  text = evaluate.label_shift_markdown(rows)
+  assert "rho'=100 (n=" in text and "| prior-corrected |" in text
+  assert text.count("| Bayias trained for pi' |") == 3  # One line a table.
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory, cifar10_file):
+  del cifar10_file
+  workdir = tmp_path_factory.mktemp("tiny_run")
+  summary = train.train_and_evaluate(tiny_config(), str(workdir))
+  return workdir, summary
+
+
+def test_evaluate_cli_writes_every_picture_and_tables(tiny_run):
+  workdir, summary = tiny_run
+  out = workdir / "eval"
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  result = subprocess.run(
+      [sys.executable, "-m", "lt_calib.evaluate", f"--workdir={workdir}",
+       "--test_rho=1,0.1", "--val_per_class=10", "--test_subset=200", f"--out={out}"],
+      cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stderr[-3000:]
+  for name in list(report.PICTURES) + ["reliability_temperature.png", "report.md",
+                                       "label_shift.md", "label_shift.csv"]:
+    assert (out / name).stat().st_size > 0, name
+  text = (out / "report.md").read_text()
+  assert all(f"]({name})" in text for name in report.PICTURES)
+  assert "temperature-scaled" in text and "Test label shift" in text
+  with open(out / "label_shift.csv") as f:
+    rows = list(csv.DictReader(f))
+  assert {(r["method"], float(r["test_rho"])) for r in rows} == {
+      ("raw", 1.0), ("prior-corrected", 1.0), ("raw", 0.1), ("prior-corrected", 0.1)}
+  result = json.loads((out / "evaluation.json").read_text())
+  # The restored checkpoint gives the training run's own final numbers.
+  assert result["summary"]["top1"] == pytest.approx(summary["final"]["top1"])
+  assert result["summary"]["nll"] == pytest.approx(summary["final"]["nll"], rel=1e-4)
+  assert result["temperature"]["val_count_per_class"] == [0] + [10] * 9
+
+
+def test_training_report_call(tiny_run, tmp_path):
+  """The call the end of training makes, with temperature scaling configured."""
+  workdir, _ = tiny_run
+  run = evaluate.load_run(workdir, test_subset=200)
+  config = run.config
+  config.dataset.val_per_class = 5
+  summary = report.write_training_report(
+      tmp_path, config, run.test_logits, run.dataset.test_labels,
+      run.dataset.prior.counts, logits_fn=run.logits_fn)
+  saved = json.loads((tmp_path / "report.json").read_text())
+  assert saved["raw"] == summary
+  assert saved["temperature"]["val_count_per_class"] == [0] + [5] * 9
+  assert (tmp_path / "reliability_temperature.png").exists()
+  with pytest.raises(FileNotFoundError, match="checkpoint 7"):
+    evaluate.load_run(workdir, checkpoint=7, test_subset=200)

@@ -1,0 +1,103 @@
+"""End-to-end training: outputs, resumption, 8-device sharding, bad input."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from lt_calib import config_checks, train
+from tests.conftest import REPO, tiny_config
+
+
+def final_params(workdir):
+  """Parameters of the latest checkpoint, read back with plain Orbax."""
+  manager = ocp.CheckpointManager(pathlib.Path(workdir, "checkpoints").resolve())
+  step = manager.latest_step()
+  return step, manager.restore(step)["params"]
+
+
+def assert_trees_close(a, b, **tolerance):
+  flat_a = jax.tree_util.tree_leaves_with_path(a)
+  flat_b = jax.tree_util.tree_leaves_with_path(b)
+  assert [p for p, _ in flat_a] == [p for p, _ in flat_b]
+  for (path, x), (_, y) in zip(flat_a, flat_b):
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), err_msg=str(path), **tolerance)
+
+
+def test_run_writes_summary_and_metrics(tmp_path, cifar10_file):
+  summary = train.train_and_evaluate(tiny_config(), str(tmp_path))
+  lines = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  assert [l["epoch"] for l in lines] == [1, 2]
+  on_disk = json.loads((tmp_path / "summary.json").read_text())
+  assert on_disk["train_class_counts"] == [5000, 2997, 1796, 1077, 645, 387, 232, 139, 83, 50]
+  assert on_disk["steps"] == 2 * (12406 // 1024) == summary["steps"]
+  final = on_disk["final"]
+  for key in ("top1", "mean_class_acc", "many_acc", "medium_acc", "ece", "mce", "nll"):
+    assert np.isfinite(final[key]), key
+  assert final["few_acc"] is None  # No class has < 20 images at rho = 100.
+  assert len(final["per_class_acc"]) == 10 and on_disk["config"]["mix"]["name"] == "unimix"
+  assert on_disk["best_epoch_top1"]["epoch"] in (1, 2)
+  assert (tmp_path / "checkpoints").is_dir()
+
+
+def test_resumed_run_matches_uninterrupted(tmp_path, cifar10_file):
+  whole, split = tmp_path / "whole", tmp_path / "split"
+  train.train_and_evaluate(tiny_config(), str(whole))
+  train.train_and_evaluate(tiny_config(num_epochs=1), str(split))
+  summary = train.train_and_evaluate(tiny_config(), str(split))  # Resumes.
+  assert summary["resumed_from_step"] == 12 and summary["steps_this_run"] == 12
+  step_a, params_a = final_params(whole)
+  step_b, params_b = final_params(split)
+  assert step_a == step_b == 24
+  assert_trees_close(params_a, params_b, rtol=1e-6, atol=1e-7)
+
+
+def run_cli(workdir, devices):
+  env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+         "JAX_PLATFORMS": "cpu"}
+  overrides = ["--config.model.width=4", "--config.batch_size=1024",
+               "--config.dataset.test_subset=200", "--config.num_epochs=1"]
+  subprocess.run([sys.executable, "-m", "lt_calib.main",
+                  "--config=configs/cifar10_lt.py:smoke", f"--workdir={workdir}",
+                  *overrides], cwd=REPO, env=env, check=True, capture_output=True)
+  return json.loads(pathlib.Path(workdir, "summary.json").read_text())
+
+
+def test_eight_devices_match_one(tmp_path, cifar10_file):
+  one = run_cli(tmp_path / "one", 1)
+  eight = run_cli(tmp_path / "eight", 8)
+  assert len(one["devices"]) == 1 and len(eight["devices"]) == 8
+  # Same global batch and keys; only the reduction order differs.
+  for key in ("top1", "nll", "ece", "mean_class_acc"):
+    np.testing.assert_allclose(eight["final"][key], one["final"][key], rtol=2e-3, atol=1e-4)
+  np.testing.assert_allclose(eight["final"]["per_class_acc"], one["final"]["per_class_acc"],
+                             atol=0.051)  # At most one of 20 images per class flips.
+
+
+def test_non_finite_loss_stops_and_keeps_checkpoint(tmp_path, cifar10_file):
+  train.train_and_evaluate(tiny_config(num_epochs=1), str(tmp_path))
+  with pytest.raises(train.NonFiniteLossError, match=r"at step 1[2-9].*checkpoint \(step 12\)"):
+    train.train_and_evaluate(tiny_config(optim__learning_rate=1e30), str(tmp_path))
+  step, _ = final_params(tmp_path)
+  assert step == 12
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("dataset__imbalance_ratio", 0.5, "imbalance_ratio must be >= 1"),
+    ("mix__alpha", 0.0, "mix.alpha must be > 0"),
+    ("mix__name", "cutmix", "mix.name='cutmix' is unknown; allowed"),
+    ("mix__pairing", "random", "mix.pairing='random' is unknown"),
+    ("loss__name", "hinge", "loss.name='hinge' is unknown; allowed"),
+    ("model__name", "vit", "model.name='vit' is unknown"),
+    ("dataset__name", "svhn", "dataset.name='svhn' is unknown"),
+    ("batch_size", 1001, "multiple of the 8 devices"),
+])
+def test_config_errors_name_the_field(field, value, message):
+  with pytest.raises(ValueError, match=message):
+    config_checks.check_config(tiny_config(**{field: value}), num_devices=8)
