@@ -23,7 +23,7 @@ python3 benchmarks/train_step.py --steps=300 --mix=none --loss=ce | tee -a "$OUT
 RUNS=${RUNS:-runs/protocol}; mkdir -p "$RUNS"
 for mix in none unimix; do
   for loss in ce bayias; do
-    XLA_PYTHON_CLIENT_MEM_FRACTION=0.2 python3 -m lt_calib.main \
+    XLA_PYTHON_CLIENT_MEM_FRACTION=0.2 timeout ${RUN_SECONDS:-480} python3 -m lt_calib.main \
       --config=configs/cifar10_lt.py --workdir="$RUNS/${mix}_${loss}" \
       --config.mix.name=$mix --config.loss.name=$loss --config.log_every_steps=970 \
       ${EXTRA_FLAGS:-} > "$RUNS/${mix}_${loss}.log" 2>&1 &
