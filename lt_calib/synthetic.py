@@ -14,9 +14,12 @@ Definition 1 (y_i iff xi >= 0.5). One virtual point per real point (one
 epoch of R); the SVM sees the real points and the virtual ones together.
 
 Boundary w.x + b = 0 versus the ideal: the angle between w and the ideal
-normal u = (1, 1)/sqrt2 (degrees, signed counter-clockwise), and the offset
+normal u = (1, 1)/sqrt2 (degrees, signed counter-clockwise), the offset
 t = -b / (w.u), where the boundary crosses the line through the origin along
-u (> 0: moved towards the positive, majority disc).
+u (> 0: moved towards the positive, majority disc), and the band deviation:
+the mean |displacement| along u of the learned boundary from y = -x over the
+stretch |s| <= r of y = -x that lies between the discs (tilt and shift in
+one number, in units of length).
 
   python -m lt_calib.synthetic --out=DIR [--seeds=10 --m=1000 --n=20]
 """
@@ -100,11 +103,25 @@ def virtual_points(key: jax.Array, points: np.ndarray, labels: np.ndarray,
   return np.asarray(mixed), np.asarray(hard), np.asarray(xi)
 
 
-def boundary_error(w: np.ndarray, b: float) -> tuple:
-  """(signed angle in degrees between w and (1, 1), offset along (1, 1)/sqrt2)."""
+def boundary_error(w: np.ndarray, b: float, half_width: float = 1.0) -> tuple:
+  """Deviation of w.x + b = 0 from y = -x.
+
+  Args:
+    w: [2] normal of the learned boundary (pointing to the positives).
+    b: its intercept.
+    half_width: the band |s| <= half_width of y = -x to average over.
+
+  Returns:
+    (signed angle in degrees from (1, 1) to w, offset t along u, band
+    deviation: mean over s of |d(s)|, where the boundary lies at
+    s (-1, 1)/sqrt2 + d(s) u).
+  """
   angle = math.degrees(math.atan2(w[1], w[0])) - 45.0
   angle = (angle + 180.0) % 360.0 - 180.0
-  return angle, -b / (float(w[0] + w[1]) / math.sqrt(2))
+  w_u = float(w[0] + w[1]) / math.sqrt(2)
+  s = np.linspace(-half_width, half_width, 201)
+  d = -(s * float(w[1] - w[0]) / math.sqrt(2) + b) / w_u
+  return angle, -b / w_u, float(np.mean(np.abs(d)))
 
 
 def run_seed(seed: int, setup: Setup) -> dict:
@@ -125,8 +142,105 @@ def run_seed(seed: int, setup: Setup) -> dict:
       train_x, train_y = points, labels
     model = svm.SVC(kernel="linear", C=setup.svm_c).fit(train_x, train_y)
     w, b = model.coef_[0], float(model.intercept_[0])
-    angle, offset = boundary_error(w, b)
+    angle, offset, band = boundary_error(w, b, setup.r)
     out[method] = {"points": points, "labels": labels, "virtual": virtual, "w": w, "b": b,
-                   "angle": angle, "offset": offset,
+                   "angle": angle, "offset": offset, "band": band,
                    "virtual_negative_share": None if virtual is None else float(np.mean(virtual[1] == 0))}
   return out
+
+
+def run(seeds, setup: Setup) -> tuple:
+  """All seeds: (per-seed rows, per-method mean/std summary, seed 0's fits)."""
+  rows, first = [], None
+  for seed in seeds:
+    fits = run_seed(seed, setup)
+    first = first or fits
+    rows += [{"seed": seed, "method": m, "angle_deg": fits[m]["angle"],
+              "abs_angle_deg": abs(fits[m]["angle"]), "offset": fits[m]["offset"],
+              "band_deviation": fits[m]["band"],
+              "virtual_negative_share": fits[m]["virtual_negative_share"]} for m in METHODS]
+  summary = {}
+  for m in METHODS:
+    mine = [r for r in rows if r["method"] == m]
+    summary[m] = {k: (float(np.mean([r[k] for r in mine])), float(np.std([r[k] for r in mine])))
+                  for k in ("abs_angle_deg", "offset", "band_deviation")}
+    summary[m]["abs_offset"] = (float(np.mean([abs(r["offset"]) for r in mine])),
+                                float(np.std([abs(r["offset"]) for r in mine])))
+  return rows, summary, first
+
+
+def plot(fits: dict, setup: Setup, path: str, max_virtual: int = 400) -> None:
+  """1 x 4 panels as Fig. 3: real points, virtual points (o), boundary, y = -x."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  lim = max(setup.x0, setup.y0) + setup.r + 0.4
+  fig, axes = plt.subplots(1, 4, figsize=(18, 4.9))
+  colors = {0: "tab:blue", 1: "tab:green"}  # As Fig. 3: blue z-, green z+.
+  grid = np.linspace(-lim, lim, 2)
+  for ax, m in zip(axes, METHODS):
+    fit = fits[m]
+    for c in (0, 1):
+      pts = fit["points"][fit["labels"] == c]
+      ax.scatter(pts[:, 0], pts[:, 1], s=6 if c else 14, color=colors[c], alpha=0.6,
+                 label=f"{'z+' if c else 'z-'} ({len(pts)})")
+    if fit["virtual"] is not None:  # On top, so the ones inside the discs show.
+      vx, vy = fit["virtual"][0][:max_virtual], fit["virtual"][1][:max_virtual]
+      for c, edge in ((0, "navy"), (1, "darkgreen")):
+        ax.scatter(vx[vy == c, 0], vx[vy == c, 1], s=16, facecolors="none",
+                   edgecolors=edge, linewidths=0.7, label=f"virtual {'z+' if c else 'z-'}")
+    ax.plot(grid, -grid, "--", color="gray", lw=1.5, label="ideal y = -x")
+    w, b = fit["w"], fit["b"]
+    ax.plot(grid, -(w[0] * grid + b) / w[1], "k-", lw=2, label="SVM boundary")
+    ax.set(xlim=(-lim, lim), ylim=(-lim, lim), aspect="equal", xlabel="x", ylabel="y")
+    ax.set_title(f"{TITLES[m]}\nangle {fit['angle']:+.1f} deg, offset {fit['offset']:+.3f}",
+                 fontsize=10)
+    ax.legend(fontsize=7, loc="upper left")
+  fig.suptitle("Sec. 4.1 synthetic SVM (seed 0); o = virtual points labelled by xi >= 0.5",
+               fontsize=11)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+def write_outputs(rows, summary, fits, setup: Setup, out_dir: str) -> str:
+  """synthetic.png, synthetic.csv (per seed) and synthetic.md (mean +- std)."""
+  os.makedirs(out_dir, exist_ok=True)
+  plot(fits, setup, os.path.join(out_dir, "synthetic.png"))
+  with open(os.path.join(out_dir, "synthetic.csv"), "w", newline="") as f:
+    writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+  seeds = len(rows) // len(METHODS)
+  lines = [f"Setup: {setup}, {seeds} seeds (mean +- std).", "",
+           "| method | abs angle (deg) | offset | abs offset | band deviation |",
+           "|---|---|---|---|---|"]
+  for m in METHODS:
+    cell = lambda k: f"{summary[m][k][0]:.3f} +- {summary[m][k][1]:.3f}"  # pylint: disable=cell-var-from-loop
+    lines.append(f"| {m} | {cell('abs_angle_deg')} | {cell('offset')} | {cell('abs_offset')} "
+                 f"| {cell('band_deviation')} |")
+  table = "\n".join(lines) + "\n"
+  with open(os.path.join(out_dir, "synthetic.md"), "w") as f:
+    f.write(table)
+  return table
+
+
+def main(argv):
+  del argv
+  setup = Setup(m=FLAGS.m, n=FLAGS.n, svm_c=FLAGS.svm_c)
+  rows, summary, fits = run(range(FLAGS.seeds), setup)
+  print(write_outputs(rows, summary, fits, setup, FLAGS.out))
+  print(f"wrote {FLAGS.out}/synthetic.png, synthetic.csv, synthetic.md")
+
+
+if __name__ == "__main__":
+  from absl import app, flags  # pylint: disable=g-import-not-at-top,g-multiple-import
+  # Defined only when run as a script (lt_calib.theory also defines --out).
+  flags.DEFINE_string("out", None, "Output directory.")
+  flags.DEFINE_integer("seeds", 10, "Number of seeds (data and mixing).")
+  flags.DEFINE_integer("m", Setup._field_defaults["m"], "Points per disc (positives).")
+  flags.DEFINE_integer("n", Setup._field_defaults["n"], "Negatives of the imbalanced set.")
+  flags.DEFINE_float("svm_c", Setup._field_defaults["svm_c"], "Soft-margin C of the linear SVM.")
+  flags.mark_flag_as_required("out")
+  FLAGS = flags.FLAGS
+  app.run(main)

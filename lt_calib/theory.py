@@ -299,7 +299,8 @@ LABELS = {"prior": "origin (Eq. 4)", "mixup": "mixup (Eq. 5)",
 MARKERS = {"prior": "o", "mixup": "x", "unimix_factor": "s", "unimix": "^"}
 
 
-def write_outputs(panels: dict, tau: float, alpha: float, out_dir: str) -> list:
+def write_outputs(panels: dict, tau: float, alpha: float, out_dir: str,
+                  pairing: str = "sampler") -> list:
   """Writes theory.png, theory.csv (per class) and theory_summary.csv (TV)."""
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
@@ -339,10 +340,11 @@ def write_outputs(panels: dict, tau: float, alpha: float, out_dir: str) -> list:
     ax.set_xlabel("class index (0 = head)")
     ax.set_ylabel("probability of xi-Aug class")
     ax.grid(alpha=0.3)
-  axes[0][0].plot([], [], "ko", mfc="none", label=f"markers: Monte Carlo (alpha = {alpha:g})")
+  axes[0][0].plot([], [], "ko", mfc="none", label=f"markers: Monte Carlo (alpha = {alpha:g}, {pairing})")
   axes[0][0].legend(fontsize=8, loc="upper center")
-  fig.suptitle("xi-Aug class distributions\nlines: paper closed forms (normalised over "
-               "classes); markers: Monte Carlo, library samplers + factors", fontsize=10)
+  fig.suptitle("xi-Aug class distributions. Lines: paper closed forms, normalised over\n"
+               "the classes; markers: Monte Carlo with the library's samplers and factors",
+               fontsize=10)
   fig.tight_layout()
   fig.savefig(os.path.join(out_dir, "theory.png"), dpi=120)
   plt.close(fig)
@@ -361,7 +363,7 @@ def main(argv):
   rhos = [flags_.rho] if flags_.rho else [10.0, 100.0, 200.0]
   panels = {(c, r): panel(c, r, flags_.tau, flags_.alpha, flags_.num_pairs, flags_.seed,
                           flags_.pairing) for c in cs for r in rhos}
-  summary = write_outputs(panels, flags_.tau, flags_.alpha, flags_.out)
+  summary = write_outputs(panels, flags_.tau, flags_.alpha, flags_.out, flags_.pairing)
   print(f"{'C':>4} {'rho':>5} {'curve':>14} {'TV(mc,paper)':>13} {'TV(mc,exact)':>13} "
         f"{'TV(mc,2-sided)':>15} {'argmax mc/paper':>16}")
   for s in summary:
