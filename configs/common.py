@@ -19,6 +19,9 @@ def paper_config(dataset: str, num_classes: int, tau: float) -> ml_collections.C
       lt_seed=0,               # np.random.seed of the standard CIFAR-LT rule.
       zero_count_smoothing=0.0,
       test_subset=0,           # 0 = whole balanced test set.
+      # Held-out images per class for temperature scaling, drawn from the
+      # training pool images the long-tailed split leaves out (0 = none).
+      val_per_class=0,
       crop_padding=4,
   ))
   config.model = ml_collections.ConfigDict(dict(

@@ -2,7 +2,7 @@
 
   python -m lt_calib.evaluate --workdir=DIR [--checkpoint=STEP] \
       [--test_rho=100,10,1,0.1,0.01] [--val_per_class=50] [--out=DIR] \
-      [--bayias_runs=100:DIR_A,0.01:DIR_B]
+      [--bayias_runs=100:DIR_A,0.01:DIR_B] [--compare_runs=DIR_C]
 
 The model is rebuilt from DIR/config.json and the checkpoint restored; the
 logits of the FULL balanced test set are computed once (a smoke run's
@@ -12,8 +12,9 @@ test prior reuses them through `posthoc.resample_test_set` indices.
 Writes to --out (default DIR): the PNGs and report.md of `report.write_report`
 for the first rho' of --test_rho (rho' = 1 if listed), evaluation.json, and
 with several rho' the Table D2-style label_shift.md / label_shift.csv: rows
-'raw' (logits as trained), 'prior-corrected' (z + log pi' - log pi_ref,
-`posthoc.reference_log_prior`) and, per rho' given in --bayias_runs, the raw
+'<loss> raw' (logits as trained) and '<loss> prior-corrected' (z + log pi' -
+log pi_ref, `posthoc.reference_log_prior`) for this run and each of
+--compare_runs, and, per rho' given in --bayias_runs, the raw
 logits of a model trained with Bayias against that rho' prior
 (`--config.loss.test_prior=$(python -c "from lt_calib import posthoc;
 print(posthoc.test_prior_spec(RHO, C))")`).
@@ -38,16 +39,26 @@ import orbax.checkpoint as ocp
 from lt_calib import datasets, losses, metrics, models, posthoc, report, train
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("workdir", None, "Training workdir (config.json, checkpoints/).")
-flags.DEFINE_integer("checkpoint", None, "Checkpoint step; default: the latest.")
-flags.DEFINE_list("test_rho", ["1"], "Test imbalance factors rho' (comma list).")
-flags.DEFINE_integer("val_per_class", 50, "Validation images per class for "
-                     "temperature scaling (unused training-pool images); 0 = off.")
-flags.DEFINE_integer("test_subset", 0, "Test subset size; 0 = the full test set.")
-flags.DEFINE_integer("resample_seed", 0, "Seed of the resampled test sets.")
-flags.DEFINE_list("bayias_runs", [], "RHO:WORKDIR pairs of Bayias runs trained "
-                  "for the rho' test prior (Table D2's 'Bayias' row).")
-flags.DEFINE_string("out", None, "Output folder; default: --workdir.")
+
+
+def define_flags():
+  """Defines the CLI flags; called only when run as a program.
+
+  Importing this module next to `lt_calib.main`, which also defines
+  --workdir, therefore stays safe.
+  """
+  flags.DEFINE_string("workdir", None, "Training workdir (config.json, checkpoints/).")
+  flags.DEFINE_integer("checkpoint", None, "Checkpoint step; default: the latest.")
+  flags.DEFINE_list("test_rho", ["1"], "Test imbalance factors rho' (comma list).")
+  flags.DEFINE_integer("val_per_class", 50, "Validation images per class for "
+                       "temperature scaling (unused training-pool images); 0 = off.")
+  flags.DEFINE_integer("test_subset", 0, "Test subset size; 0 = the full test set.")
+  flags.DEFINE_integer("resample_seed", 0, "Seed of the resampled test sets.")
+  flags.DEFINE_list("bayias_runs", [], "RHO:WORKDIR pairs of Bayias runs trained "
+                    "for the rho' test prior (Table D2's 'Bayias' row).")
+  flags.DEFINE_list("compare_runs", [], "Further WORKDIRs (same data) whose raw and "
+                    "prior-corrected rows join the label-shift table.")
+  flags.DEFINE_string("out", None, "Output folder; default: --workdir.")
 
 
 @dataclasses.dataclass
@@ -72,6 +83,9 @@ def load_run(workdir, checkpoint: Optional[int] = None, test_subset: int = 0) ->
     Run, with the raw logits of the test set already computed.
   """
   workdir = pathlib.Path(workdir)
+  if not (workdir / "config.json").is_file():
+    raise FileNotFoundError(f"{workdir / 'config.json'} not found: --workdir must be "
+                            "the folder of a training run.")
   config = ml_collections.ConfigDict(json.loads((workdir / "config.json").read_text()))
   config.dataset.test_subset = test_subset
   dataset = datasets.load_dataset(config.dataset)
@@ -104,7 +118,14 @@ def shifted_log_prior(labels, indices, num_classes) -> np.ndarray:
   return np.log(counts / counts.sum())
 
 
-def label_shift_rows(run: Run, rhos, seed=0, bayias_logits=None) -> list:
+def run_name(run: Run) -> str:
+  """Row label of a run: its loss, and its Bayias test prior if not uniform."""
+  loss = run.config.loss
+  prior = loss.get("test_prior", "uniform")
+  return loss.name if loss.name != "bayias" or prior == "uniform" else f"bayias[{prior}]"
+
+
+def label_shift_rows(run: Run, rhos, seed=0, bayias_logits=None, others=()) -> list:
   """Table D2 rows: top-1/ECE/NLL per method and rho'.
 
   Args:
@@ -113,21 +134,26 @@ def label_shift_rows(run: Run, rhos, seed=0, bayias_logits=None) -> list:
     seed: seed of `posthoc.resample_test_set`.
     bayias_logits: optional {rho': full test logits of a Bayias model trained
       for that test prior}.
+    others: further runs (same test set) given raw and prior-corrected rows.
 
   Returns:
-    list of dicts (method, test_rho, num_images, top1, mean_class_acc, ece, nll).
+    list of dicts (method, test_rho, num_images, top1, mean_class_acc, ece, nll);
+    methods '<run> raw', '<run> prior-corrected' (`run_name`) and
+    "Bayias trained for pi'".
   """
   labels, counts = run.dataset.test_labels, run.dataset.prior.counts
   num_classes = run.test_logits.shape[1]
-  log_ref = posthoc.reference_log_prior(run.config.loss, run.dataset.prior.prior)
   bins = run.config.calibration_bins
   rows = []
   for rho in rhos:
     idx = posthoc.resample_test_set(labels, rho, num_classes, seed)
     log_test = shifted_log_prior(labels, idx, num_classes)
-    methods = {"raw": run.test_logits[idx],
-               "prior-corrected": posthoc.prior_correction(run.test_logits[idx],
-                                                           log_ref, log_test)}
+    methods = {}
+    for r in (run, *others):
+      log_ref = posthoc.reference_log_prior(r.config.loss, r.dataset.prior.prior)
+      methods[f"{run_name(r)} raw"] = r.test_logits[idx]
+      methods[f"{run_name(r)} prior-corrected"] = posthoc.prior_correction(
+          r.test_logits[idx], log_ref, log_test)
     if bayias_logits and rho in bayias_logits:
       methods["Bayias trained for pi'"] = bayias_logits[rho][idx]
     for method, logits in methods.items():
@@ -179,7 +205,8 @@ def _check_bayias_run(run: Run, rho, n_per_class):
 
 
 def evaluate_workdir(workdir, checkpoint=None, test_rhos=(1.0,), val_per_class=50,
-                     out=None, test_subset=0, seed=0, bayias_runs=None) -> dict:
+                     out=None, test_subset=0, seed=0, bayias_runs=None,
+                     compare_runs=()) -> dict:
   """Everything the CLI does; returns what it writes to evaluation.json."""
   out = pathlib.Path(out or workdir)
   out.mkdir(parents=True, exist_ok=True)
@@ -201,30 +228,34 @@ def evaluate_workdir(workdir, checkpoint=None, test_rhos=(1.0,), val_per_class=5
           config.calibration_bins)
     except FileNotFoundError as e:
       logging.warning("temperature scaling skipped: %s", e)
-  extra = []
-  if main_rho != 1.0:
-    corrected = posthoc.prior_correction(
-        logits, posthoc.reference_log_prior(config.loss, run.dataset.prior.prior),
-        shifted_log_prior(labels, idx, num_classes))
-    extra.append((f"Post-hoc prior correction for rho'={main_rho:g}", report.summary_table(
-        {"raw": metrics.summarize(logits, labels[idx], counts, config.calibration_bins),
-         "prior-corrected": metrics.summarize(corrected, labels[idx], counts,
-                                              config.calibration_bins)})))
+  extra, columns = [], {}
+  # z + log pi' - log pi_ref; shown when it changes anything (not for a
+  # Bayias-uniform model on the balanced set).
+  log_ref = posthoc.reference_log_prior(config.loss, run.dataset.prior.prior)
+  log_test = shifted_log_prior(labels, idx, num_classes)
+  if not np.allclose(log_ref, log_test):
+    columns["prior-corrected"] = metrics.summarize(
+        posthoc.prior_correction(logits, log_ref, log_test), labels[idx], counts,
+        config.calibration_bins)
   result = {"workdir": str(workdir), "checkpoint_step": run.step, "test_rho": main_rho,
             "num_test_images": len(idx), "resample_seed": seed}
-  if len(test_rhos) > 1 or bayias_runs:
+  if len(test_rhos) > 1 or bayias_runs or compare_runs:
     bayias_logits = {}
     n_per_class = int(np.bincount(labels, minlength=num_classes).min())
     for rho, path in (bayias_runs or {}).items():
       other = load_run(path, None, test_subset)
       _check_bayias_run(other, rho, n_per_class)
       bayias_logits[rho] = other.test_logits
-    rows = label_shift_rows(run, test_rhos, seed, bayias_logits)
-    description = (
-        f"Checkpoint {workdir} step {run.step} ({config.loss.name} loss; reference prior "
-        f"of its logits: {'pi_t of loss.test_prior' if config.loss.name == 'bayias' else 'pi_train'}). "
-        f"Test sets resampled from the full test set with seed {seed} "
-        "(`posthoc.resample_test_set`).")
+    others = [load_run(path, None, test_subset) for path in compare_runs]
+    rows = label_shift_rows(run, test_rhos, seed, bayias_logits, others)
+    description = "\n".join(
+        [f"Test sets resampled from the full test set with seed {seed} "
+         "(`posthoc.resample_test_set`). Prior correction: z + log pi' - log pi_ref, "
+         "pi_ref = pi_train for ce, pi_t = loss.test_prior (uniform: 1/C) for bayias.", ""]
+        + [f"- {run_name(r)}: {path} step {r.step}" for r, path in
+           [(run, workdir)] + list(zip(others, compare_runs))]
+        + [f"- Bayias trained for pi' (rho'={rho:g}): {path}"
+           for rho, path in (bayias_runs or {}).items()])
     table = label_shift_markdown(rows, description)
     (out / "label_shift.md").write_text("# Test label shift (Table D2 protocol)\n\n"
                                         + table)
@@ -236,8 +267,11 @@ def evaluate_workdir(workdir, checkpoint=None, test_rhos=(1.0,), val_per_class=5
     result["label_shift"] = rows
   summary = report.write_report(out, logits, labels[idx], counts, config.calibration_bins,
                                 title, extra, temperature,
-                                datasets.load_class_names(config.dataset))
+                                datasets.load_class_names(config.dataset),
+                                extra_columns=columns)
   result["summary"] = summary
+  if columns:
+    result["prior_corrected"] = columns["prior-corrected"]
   if temperature is not None:
     result["temperature"] = temperature
   (out / "evaluation.json").write_text(json.dumps(result, indent=2) + "\n")
@@ -252,7 +286,7 @@ def main(argv):
   result = evaluate_workdir(
       FLAGS.workdir, FLAGS.checkpoint, [float(r) for r in FLAGS.test_rho],
       FLAGS.val_per_class, FLAGS.out, FLAGS.test_subset, FLAGS.resample_seed,
-      _parse_runs(FLAGS.bayias_runs))
+      _parse_runs(FLAGS.bayias_runs), FLAGS.compare_runs)
   s = result["summary"]
   print(f"step {result['checkpoint_step']} rho'={result['test_rho']:g}: top1 "
         f"{100 * s['top1']:.2f}% ECE {100 * s['ece']:.2f}% NLL {s['nll']:.4f}; report in "
@@ -260,4 +294,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

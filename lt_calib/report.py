@@ -1,7 +1,11 @@
 """Calibration report of one evaluation: PNGs + report.md (+ report.json).
 
-`write_report` is what training calls at its end and what `lt_calib.evaluate`
-calls for any checkpoint; all numbers come from `metrics.summarize`.
+`write_report` is what `lt_calib.evaluate` calls for any checkpoint and
+`write_training_report` what training calls at its end; all numbers come from
+`metrics.summarize`. Matplotlib and SciPy (the 'analysis' extra) are imported
+only when a report is written, so importing this module costs nothing on a
+host without them, and the end-of-training report is then skipped with a
+warning instead of failing the run.
 """
 
 import json
@@ -11,7 +15,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from lt_calib import metrics, plots, posthoc
+from lt_calib import metrics
 
 PICTURES = {
     "reliability.png": "Reliability diagram (15 bins): bars are the accuracy of "
@@ -67,6 +71,7 @@ def temperature_section(val_logits, val_labels, test_logits, test_labels, train_
     dict: 'temperature', 'val_count_per_class' (list), 'val_nll_before'/'after'
     and 'summary' (`metrics.summarize` of test_logits / T).
   """
+  from lt_calib import posthoc  # pylint: disable=g-import-not-at-top
   val_labels = np.asarray(val_labels)
   temperature = posthoc.fit_temperature(val_logits, val_labels)
   num_classes = np.asarray(test_logits).shape[1]
@@ -84,7 +89,7 @@ def temperature_section(val_logits, val_labels, test_logits, test_labels, train_
 def write_report(workdir, logits, labels, train_counts, num_bins=15, title="",
                  extra_tables: Optional[Sequence[tuple]] = None,
                  temperature: Optional[dict] = None, class_names=None,
-                 file_prefix="") -> dict:
+                 file_prefix="", extra_columns: Optional[dict] = None) -> dict:
   """Writes every picture, report.md and report.json to `workdir`.
 
   Args:
@@ -99,10 +104,13 @@ def write_report(workdir, logits, labels, train_counts, num_bins=15, title="",
       metrics become a second column and a second reliability diagram is drawn.
     class_names: optional C names for the tick labels of <= 20 classes.
     file_prefix: prefix of every file name (several reports in one folder).
+    extra_columns: optional {name: `metrics.summarize` dict} shown beside the
+      raw (and temperature-scaled) columns of the summary table.
 
   Returns:
     The `metrics.summarize` dict of the raw logits.
   """
+  from lt_calib import plots, posthoc  # pylint: disable=g-import-not-at-top
   out = pathlib.Path(workdir)
   out.mkdir(parents=True, exist_ok=True)
   logits, labels = np.asarray(logits, np.float64), np.asarray(labels)
@@ -133,6 +141,7 @@ def write_report(workdir, logits, labels, train_counts, num_bins=15, title="",
     plots.reliability_diagram(scaled, correct, out / ts_name, num_bins,
                               f"{title} temperature-scaled T={t:.3f}".strip())
     pictures.insert(1, (ts_name, "Reliability diagram after temperature scaling."))
+  columns.update(extra_columns or {})
 
   sections = [f"# {title or 'Calibration report'}", "",
               f"{len(labels)} test images, {num_classes} classes; training counts "
@@ -160,8 +169,11 @@ def write_report(workdir, logits, labels, train_counts, num_bins=15, title="",
 
 
 def write_training_report(workdir, config, logits, labels, train_counts,
-                          logits_fn=None, class_names=None) -> dict:
+                          logits_fn=None) -> Optional[dict]:
   """End-of-training report, with temperature scaling when configured.
+
+  Never fails the run for a missing plotting library: without Matplotlib or
+  SciPy it logs a warning and returns None.
 
   Args:
     workdir: the run's workdir.
@@ -171,12 +183,17 @@ def write_training_report(workdir, config, logits, labels, train_counts,
     train_counts: int [C].
     logits_fn: uint8 images [n, H, W, 3] -> logits [n, C] of the final model;
       needed for temperature scaling.
-    class_names: optional tick labels.
 
   Returns:
-    The `metrics.summarize` dict of the raw logits.
+    The `metrics.summarize` dict of the raw logits, or None if skipped.
   """
   from lt_calib import datasets  # pylint: disable=g-import-not-at-top
+  try:
+    import matplotlib  # pylint: disable=g-import-not-at-top,unused-import
+    import scipy  # pylint: disable=g-import-not-at-top,unused-import
+  except ImportError as e:
+    logging.warning("calibration report skipped (%s): pip install -e '.[analysis]'.", e)
+    return None
   per_class = int(config.dataset.get("val_per_class", 0) or 0)
   temperature = None
   if per_class > 0 and logits_fn is not None:
@@ -190,4 +207,5 @@ def write_training_report(workdir, config, logits, labels, train_counts,
   title = (f"{config.dataset.name} rho={config.dataset.imbalance_ratio:g} "
            f"{config.mix.name}+{config.loss.name}")
   return write_report(workdir, logits, labels, train_counts, config.calibration_bins,
-                      title, temperature=temperature, class_names=class_names)
+                      title, temperature=temperature,
+                      class_names=datasets.load_class_names(config.dataset))

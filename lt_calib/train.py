@@ -33,7 +33,7 @@ import optax
 import orbax.checkpoint as ocp
 
 from lt_calib import (augment, config_checks, datasets, losses, metrics, mixing,
-                      models, reporting, sampling)
+                      models, report, reporting, sampling)
 
 
 class TrainState(train_state.TrainState):
@@ -412,5 +412,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       "jax_version": jax.__version__,
   }
   reporting.write_json(workdir / "summary.json", summary)
+  # Pictures and report.md; a temperature is fitted when dataset.val_per_class > 0.
+  report.write_training_report(
+      workdir, config, logits, dataset.test_labels, dataset.prior.counts,
+      logits_fn=lambda images: evaluate(eval_fn, state, images, None,
+                                        config.eval_batch_size, replicated)[0])
   writer.close()
   return summary

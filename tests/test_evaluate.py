@@ -56,17 +56,27 @@ def test_label_shift_rows_and_table():
                           long_tail.class_prior(np.repeat(np.arange(10), counts), 10),
                           "fake")
   run = evaluate.Run(config, data, 0, None, logits)
-  rows = evaluate.label_shift_rows(run, [100, 1, 0.01], bayias_logits={0.01: logits})
-  assert [(r["method"], r["test_rho"]) for r in rows] == [
-      ("raw", 100), ("prior-corrected", 100), ("raw", 1), ("prior-corrected", 1),
-      ("raw", 0.01), ("prior-corrected", 0.01), ("Bayias trained for pi'", 0.01)]
-  assert [r["num_images"] for r in rows[::2][:2]] == [
+  bayias_config = ml_collections.ConfigDict(config.to_dict())
+  bayias_config.loss.name = "bayias"
+  balanced = logits - np.log(counts / counts.sum())  # As if trained with Bayias.
+  other = evaluate.Run(bayias_config, data, 0, None, balanced)
+  rows = evaluate.label_shift_rows(run, [100, 1, 0.01], bayias_logits={0.01: logits},
+                                   others=[other])
+  methods = ["ce raw", "ce prior-corrected", "bayias raw", "bayias prior-corrected"]
+  assert [(r["method"], r["test_rho"]) for r in rows] == (
+      [(m, 100) for m in methods] + [(m, 1) for m in methods]
+      + [(m, 0.01) for m in methods] + [("Bayias trained for pi'", 0.01)])
+  assert [r["num_images"] for r in rows[::4][:2]] == [
       sum(posthoc.shifted_counts(100, 10, 100)), 1000]
   by = {(r["method"], r["test_rho"]): r["top1"] for r in rows}
   # CE logits carry the train prior: correcting to the reversed test prior helps.
-  assert by[("prior-corrected", 0.01)] > by[("raw", 0.01)]
+  assert by[("ce prior-corrected", 0.01)] > by[("ce raw", 0.01)]
+  # Both references lead to the same corrected logits here.
+  for rho in (100, 1, 0.01):
+    assert by[("bayias prior-corrected", rho)] == by[("ce prior-corrected", rho)]
+  assert by[("bayias raw", 1)] == by[("bayias prior-corrected", 1)]
   text = evaluate.label_shift_markdown(rows)
-  assert "rho'=100 (n=" in text and "| prior-corrected |" in text
+  assert "rho'=100 (n=" in text and "| ce prior-corrected |" in text
   assert text.count("| Bayias trained for pi' |") == 3  # One line a table.
 
 
@@ -96,7 +106,8 @@ def test_evaluate_cli_writes_every_picture_and_tables(tiny_run):
   with open(out / "label_shift.csv") as f:
     rows = list(csv.DictReader(f))
   assert {(r["method"], float(r["test_rho"])) for r in rows} == {
-      ("raw", 1.0), ("prior-corrected", 1.0), ("raw", 0.1), ("prior-corrected", 0.1)}
+      ("bayias raw", 1.0), ("bayias prior-corrected", 1.0), ("bayias raw", 0.1),
+      ("bayias prior-corrected", 0.1)}
   result = json.loads((out / "evaluation.json").read_text())
   # The restored checkpoint gives the training run's own final numbers.
   assert result["summary"]["top1"] == pytest.approx(summary["final"]["top1"])
@@ -119,3 +130,15 @@ def test_training_report_call(tiny_run, tmp_path):
   assert (tmp_path / "reliability_temperature.png").exists()
   with pytest.raises(FileNotFoundError, match="checkpoint 7"):
     evaluate.load_run(workdir, checkpoint=7, test_subset=200)
+
+
+def test_single_shifted_test_prior_from_an_earlier_checkpoint(tiny_run, tmp_path):
+  workdir, _ = tiny_run  # 12 steps an epoch: checkpoints 12 and 24.
+  result = evaluate.evaluate_workdir(workdir, checkpoint=12, test_rhos=[0.1],
+                                     val_per_class=0, out=tmp_path, test_subset=200)
+  assert result["checkpoint_step"] == 12
+  # 20 test images a class in a 200-image subset, reversed profile.
+  assert result["num_test_images"] == sum(posthoc.shifted_counts(20, 10, 0.1))
+  assert "prior_corrected" in result and "label_shift" not in result
+  assert "| metric | raw | prior-corrected |" in (tmp_path / "report.md").read_text()
+  assert not (tmp_path / "label_shift.md").exists()
