@@ -29,9 +29,7 @@ def test_step_profile_and_balanced():
   assert long_tail.long_tail_counts(500, 3, 1).tolist() == [500, 500, 500]
 
 
-def test_selected_indices_equal_the_global_seed_rule():
-  labels = np.random.RandomState(7).randint(0, 10, size=5000)
-  counts = long_tail.long_tail_counts(400, 10, 100)
+def reference_selection(labels, counts):
   # The reference builders: global seed 0, then np.random.shuffle per class.
   np.random.seed(0)
   expected = []
@@ -39,7 +37,14 @@ def test_selected_indices_equal_the_global_seed_rule():
     idx = np.where(labels == c)[0]
     np.random.shuffle(idx)
     expected.extend(idx[:n_c].tolist())
-  assert long_tail.select_long_tail(labels, counts, seed=0).tolist() == expected
+  return expected
+
+
+def test_selected_indices_equal_the_global_seed_rule():
+  labels = np.random.RandomState(7).randint(0, 10, size=5000)
+  counts = long_tail.long_tail_counts(400, 10, 100)
+  assert long_tail.select_long_tail(labels, counts, seed=0).tolist() == (
+      reference_selection(labels, counts))
 
 
 def test_selected_cifar10_images_are_the_standard_ones(cifar10_file):
@@ -47,14 +52,8 @@ def test_selected_cifar10_images_are_the_standard_ones(cifar10_file):
   labels = archive["train_labels"]
   assert labels[:10].tolist() == [6, 9, 9, 4, 1, 1, 2, 7, 8, 3]  # Original order.
   counts = long_tail.long_tail_counts(5000, 10, 100)
-  np.random.seed(0)
-  expected = []
-  for c, n_c in enumerate(counts):
-    idx = np.where(labels == c)[0]
-    np.random.shuffle(idx)
-    expected.extend(idx[:n_c].tolist())
   kept = long_tail.select_long_tail(labels, counts)
-  assert kept.tolist() == expected and len(kept) == 12406
+  assert kept.tolist() == reference_selection(labels, counts) and len(kept) == 12406
 
 
 def test_prior_and_bad_inputs():
