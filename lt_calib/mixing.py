@@ -1,15 +1,23 @@
-"""Mixing factors and virtual samples: mixup (Eq. 2) and UniMix (Eq. 6-7, 11).
+"""Mixing methods: factors, partners, label weights and where the mix happens.
 
-A mixing method is a factor law plus a way to find partners:
+A mixing method is a factor law, a way to find partners, a rule that turns the
+factor into the weight of y_i in the loss, and the place of the mix (the input
+or a hidden layer):
 
-| mix.name | factor xi                          | partner x_j                        |
-|----------|------------------------------------|------------------------------------|
-| none     | 1 (no mixing)                      | -                                  |
-| mixup    | Beta(alpha, alpha)                 | random sampler R                   |
-| unimix   | shifted Beta of Eq. 6 (UniMix xi*) | UniMix sampler R* (pi^tau, Eq. 9)  |
+| mix.name       | factor xi          | partner x_j               | label weight | mixed at     |
+|----------------|--------------------|---------------------------|--------------|--------------|
+| none           | 1 (no mixing)      | -                         | 1            | -            |
+| mixup          | Beta(alpha, alpha) | random (R*, tau = 1)      | xi           | input        |
+| remix          | Beta(alpha, alpha) | random (R*, tau = 1)      | Remix rule   | input        |
+| manifold_mixup | Beta(alpha, alpha) | random, in the batch      | xi           | random layer |
+| unimix         | UniMix xi* (Eq. 6) | UniMix R* (pi^tau, Eq. 9) | xi           | input        |
+| unimix_factor  | UniMix xi* (Eq. 6) | random (R*, tau = 1)      | xi           | input        |
+| unimix_sampler | Beta(alpha, alpha) | UniMix R* (pi^tau, Eq. 9) | xi           | input        |
 
-The loss of a virtual sample is xi L(z, y_i) + (1 - xi) L(z, y_j) (Eq. 11), so
-the label weight handed to the loss is xi itself.
+`unimix_factor` and `unimix_sampler` are the two halves of UniMix, for the
+ablation of Fig. 2 (Corollary 2: factor with random pairs; Corollary 3 needs
+both). The loss of a virtual sample is w L(z, y_i) + (1 - w) L(z, y_j)
+(Eq. 11), w the label weight.
 """
 
 from typing import Callable, Dict, NamedTuple
@@ -65,20 +73,75 @@ def unimix_factor(key: jax.Array, prior_i: jax.Array, prior_j: jax.Array,
 FACTORS: Dict[str, FactorFn] = {"beta": beta_factor, "unimix": unimix_factor}
 
 
-class MixMethod(NamedTuple):
-  """What `mix.name` selects: the factor law and the partner exponent tau.
+def factor_label_weight(xi: jax.Array, prior_i: jax.Array, prior_j: jax.Array,
+                        kappa: float, tau: float) -> jax.Array:
+  """mixup's and UniMix's label weight: the image factor itself (Eq. 2, 7)."""
+  del prior_i, prior_j, kappa, tau
+  return xi
 
-  `partner_tau=None` means the method's tau comes from `mix.tau`; a number
-  fixes it (mixup's random partners are R* with tau = 1).
+
+def remix_label_weight(xi: jax.Array, prior_i: jax.Array, prior_j: jax.Array,
+                       kappa: float, tau: float) -> jax.Array:
+  """Remix's label weight (Chou et al. 2020, "Remix: Rebalanced Mixup", Eq. 3).
+
+  The image is xi x_i + (1 - xi) x_j as in mixup, but the label is pushed
+  entirely to the minority class when the pair is imbalanced enough and the
+  image is mostly the minority one:
+    0   if n_i / n_j >= kappa and xi < tau        (x_i majority, image mostly x_j),
+    1   if n_i / n_j <= 1 / kappa and 1 - xi < tau (x_j majority, image mostly x_i),
+    xi  otherwise.
+  n_i / n_j is taken as pi_i / pi_j (the same ratio).
+
+  Args:
+    xi: [B] image factors (weight of x_i).
+    prior_i: [B] pi_{y_i}.
+    prior_j: [B] pi_{y_j}.
+    kappa: imbalance threshold, >= 1 (3 in the Remix paper).
+    tau: factor threshold in [0, 1] (0.5 in the Remix paper).
+
+  Returns:
+    [B] weights of y_i.
+  """
+  ratio = prior_i / prior_j
+  weight = jnp.where((ratio >= kappa) & (xi < tau), 0.0, xi)
+  return jnp.where((ratio <= 1.0 / kappa) & (1.0 - xi < tau), 1.0, weight)
+
+
+LABEL_RULES = {"factor": factor_label_weight, "remix": remix_label_weight}
+
+
+class MixMethod(NamedTuple):
+  """What `mix.name` selects.
+
+  Attributes:
+    factor: key of FACTORS.
+    partner_tau: tau of the partner sampler R*; None takes `mix.tau` (UniMix's
+      sampler), a number fixes it (1 = random partners, as in mixup).
+    alpha: the method's Beta concentration, used when `mix.alpha` is None.
+    label_rule: key of LABEL_RULES.
+    space: 'input' (images are mixed) or 'hidden' (manifold mixup: the hidden
+      states of a random layer are mixed, partners taken within the batch).
   """
   factor: str
   partner_tau: float | None
+  alpha: float
+  label_rule: str = "factor"
+  space: str = "input"
 
 
+# Default alphas: Appendix C.1 of the paper (0.5 for UniMix, 1.0 for mixup and
+# Remix, as in Zhang et al. 2018 and Chou et al. 2020 on CIFAR); 2.0 for
+# manifold mixup (Verma et al. 2019, their CIFAR setting). The UniMix halves
+# keep UniMix's 0.5 so that the ablation changes one thing at a time.
 MIX_METHODS: Dict[str, MixMethod | None] = {
     "none": None,
-    "mixup": MixMethod(factor="beta", partner_tau=1.0),
-    "unimix": MixMethod(factor="unimix", partner_tau=None),
+    "mixup": MixMethod(factor="beta", partner_tau=1.0, alpha=1.0),
+    "remix": MixMethod(factor="beta", partner_tau=1.0, alpha=1.0, label_rule="remix"),
+    "manifold_mixup": MixMethod(factor="beta", partner_tau=1.0, alpha=2.0,
+                                space="hidden"),
+    "unimix": MixMethod(factor="unimix", partner_tau=None, alpha=0.5),
+    "unimix_factor": MixMethod(factor="unimix", partner_tau=1.0, alpha=0.5),
+    "unimix_sampler": MixMethod(factor="beta", partner_tau=None, alpha=0.5),
 }
 
 
@@ -89,10 +152,43 @@ def get_method(name: str) -> MixMethod | None:
   return MIX_METHODS[name]
 
 
+def resolve_alpha(mix_cfg) -> float:
+  """`mix.alpha`, or the method's own default where it is None."""
+  method = get_method(mix_cfg.name)
+  if mix_cfg.get("alpha") is not None:
+    return float(mix_cfg.alpha)
+  return 1.0 if method is None else method.alpha
+
+
 def mix_images(images_i: jax.Array, images_j: jax.Array, xi: jax.Array) -> jax.Array:
   """Eq. 2 / 7 on images: xi x_i + (1 - xi) x_j, xi per sample."""
   xi = xi.reshape((-1,) + (1,) * (images_i.ndim - 1)).astype(images_i.dtype)
   return xi * images_i + (1.0 - xi) * images_j
+
+
+class HiddenMix(NamedTuple):
+  """Manifold mixup's instruction to the model (Verma et al. 2019).
+
+  Attributes:
+    partner: int32 [B] position in the batch of each sample's partner.
+    weight: [B] factor xi of each sample's own hidden state.
+    layer: int32 scalar; 0 mixes the input, k >= 1 the output of stage k.
+  """
+  partner: jax.Array
+  weight: jax.Array
+  layer: jax.Array
+
+
+def mix_hidden(hidden: jax.Array, mix: HiddenMix | None, layer: int) -> jax.Array:
+  """xi h + (1 - xi) h[partner] if `layer` is the chosen one, else h.
+
+  Called by the model at every eligible layer; the choice is a traced value,
+  so one compiled step serves every layer.
+  """
+  if mix is None:
+    return hidden
+  mixed = mix_images(hidden, hidden[mix.partner], mix.weight)
+  return jnp.where(mix.layer == layer, mixed, hidden)
 
 
 def mixed_loss(per_example_loss: Callable[[jax.Array, jax.Array], jax.Array],

@@ -8,6 +8,13 @@
 - In-batch pairing, as in the official PyTorch code: partner k of each sample
   drawn from the same batch with probability proportional to n_{y_k}^tau.
   The batch follows pi, so a partner's class follows n_c^(1+tau), not pi^tau.
+
+`sampler.name` picks the sampler of the main batch: 'random' (R above) or a
+class-level re-sampler, R* with a fixed tau (with replacement):
+'class_balanced' (tau = 0: class uniform, then image uniform) and
+'square_root' (tau = 0.5: class probability proportional to sqrt(n_c)), the
+re-sampling baselines of e.g. Kang et al. 2020 ("Decoupling representation and
+classifier"), Sec. 3.
 """
 
 from typing import NamedTuple
@@ -15,6 +22,17 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+
+# sampler.name -> tau of the class-level sampler (None: the epoch permutation R).
+BATCH_SAMPLERS = {"random": None, "class_balanced": 0.0, "square_root": 0.5}
+
+
+def get_batch_sampler_tau(name: str) -> float | None:
+  """Looks up `sampler.name`, listing the allowed names if unknown."""
+  if name not in BATCH_SAMPLERS:
+    raise ValueError(f"sampler.name={name!r} is unknown; allowed: {sorted(BATCH_SAMPLERS)}.")
+  return BATCH_SAMPLERS[name]
 
 
 class ClassIndex(NamedTuple):

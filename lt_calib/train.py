@@ -42,7 +42,12 @@ class TrainState(train_state.TrainState):
 
 @flax.struct.dataclass
 class StepConfig:
-  """Everything the step needs besides state, batch and key (static/arrays)."""
+  """Everything the step needs besides state, batch and key (static/arrays).
+
+  The method choices (mixing, label rule, samplers) are static, so each run
+  compiles one step; what changes over training (mixing stop, DRW) is decided
+  from the traced step inside it.
+  """
   num_examples: int = flax.struct.field(pytree_node=False)
   batch_size: int = flax.struct.field(pytree_node=False)
   steps_per_epoch: int = flax.struct.field(pytree_node=False)
@@ -51,37 +56,66 @@ class StepConfig:
   std: tuple = flax.struct.field(pytree_node=False)
   mix_factor: str | None = flax.struct.field(pytree_node=False)
   pairing: str = flax.struct.field(pytree_node=False)
-  partner_tau: float = flax.struct.field(pytree_node=False)
+  in_batch_tau: float = flax.struct.field(pytree_node=False)
   alpha: float = flax.struct.field(pytree_node=False)
   mix_stop_step: int = flax.struct.field(pytree_node=False)
+  label_rule: str = flax.struct.field(pytree_node=False)      # mixing.LABEL_RULES
+  mix_space: str = flax.struct.field(pytree_node=False)       # 'input' | 'hidden'
+  remix_kappa: float = flax.struct.field(pytree_node=False)
+  remix_tau: float = flax.struct.field(pytree_node=False)
+  manifold_layers: tuple = flax.struct.field(pytree_node=False)
   prior: jax.Array = None             # [C] pi
   log_counts: jax.Array = None        # [C] log n_c
-  log_class_probs: jax.Array = None   # [C] log P_inv (Eq. 9)
+  log_class_probs: jax.Array = None   # [C] log P_inv (Eq. 9) of the partner sampler
   class_index: sampling.ClassIndex = None
+  # [C] log class probabilities of a class-level main-batch sampler
+  # (sampler.name != 'random'); None keeps the epoch permutation R.
+  batch_log_class_probs: jax.Array | None = None
 
 
 def make_step_config(config, dataset: datasets.Dataset) -> StepConfig:
-  """Resolves the config and the train prior into a StepConfig."""
+  """Resolves the config and the train prior into a StepConfig.
+
+  Args:
+    config: experiment config (mix, sampler, dataset.crop_padding, batch_size).
+    dataset: loaded Dataset (its prior feeds samplers and mixing).
+
+  Returns:
+    StepConfig.
+  """
   method = mixing.get_method(config.mix.name)
   tau = config.mix.tau if method is None or method.partner_tau is None else method.partner_tau
+  in_batch_tau = float(tau)
+  if method is not None and method.partner_tau is not None:
+    # A fixed tau is R*'s (1 = random partners). In-batch candidates already
+    # follow pi, so the same partner law there is n^(tau - 1): uniform.
+    in_batch_tau = method.partner_tau - 1.0
   prior = dataset.prior
   num_examples = len(dataset.train_labels)
   if num_examples < config.batch_size:
     raise ValueError(f"batch_size={config.batch_size} exceeds the {num_examples} "
                      "training images.")
   steps_per_epoch = num_examples // config.batch_size
+  sampler_tau = sampling.get_batch_sampler_tau(config.sampler.name)
   return StepConfig(
       num_examples=num_examples, batch_size=config.batch_size,
       steps_per_epoch=steps_per_epoch, padding=config.dataset.crop_padding,
       mean=dataset.info.mean, std=dataset.info.std,
       mix_factor=None if method is None else method.factor,
-      pairing=config.mix.pairing, partner_tau=float(tau), alpha=float(config.mix.alpha),
+      pairing=config.mix.pairing, in_batch_tau=in_batch_tau,
+      alpha=mixing.resolve_alpha(config.mix),
       mix_stop_step=int(config.mix.stop_epoch * steps_per_epoch),
+      label_rule="factor" if method is None else method.label_rule,
+      mix_space="input" if method is None else method.space,
+      remix_kappa=float(config.mix.remix_kappa), remix_tau=float(config.mix.remix_tau),
+      manifold_layers=tuple(int(k) for k in config.mix.manifold_layers),
       prior=jnp.asarray(prior.prior, jnp.float32),
       log_counts=jnp.asarray(np.log(np.maximum(prior.counts, 1)), jnp.float32),
       log_class_probs=jnp.asarray(sampling.class_level_log_probs(prior.prior, tau),
                                   jnp.float32),
-      class_index=sampling.class_index(dataset.train_labels, len(prior.counts)))
+      class_index=sampling.class_index(dataset.train_labels, len(prior.counts)),
+      batch_log_class_probs=None if sampler_tau is None else jnp.asarray(
+          sampling.class_level_log_probs(prior.prior, sampler_tau), jnp.float32))
 
 
 def make_optimizer(config, steps_per_epoch: int):
@@ -125,34 +159,46 @@ def create_train_state(key, model, image_shape, tx) -> TrainState:
 
 def prepare_batch(train_images, train_labels, step, key, data_key,
                   cfg: StepConfig) -> dict:
-  """Samples (R, and R* or in-batch partners) and augments one global batch.
+  """Samples (R or a re-sampler, and partners) and augments one global batch.
 
   Args:
     train_images: uint8 [N, H, W, 3], replicated on every device.
     train_labels: int32 [N].
     step: global step (traced).
-    key: the step's key (partners, augmentation).
+    key: the step's key (partners, augmentation, class-level main sampler).
     data_key: the run's sampler key; R's permutation of each epoch is drawn
       from it and the epoch number alone, so it is the same for every step
       of the epoch and after a resume.
     cfg: StepConfig.
 
   Returns:
-    dict with 'image', 'label' (from R) and 'partner_image', 'partner_label'.
+    dict with 'image', 'label' (the main batch), 'partner_label', and
+    'partner_image' (input mixing) or 'partner_position' (positions in the
+    batch, manifold mixup).
   """
   partner_key, aug_key, partner_aug_key = jax.random.split(key, 3)
-  index = sampling.epoch_permutation_slice(
-      data_key, step, cfg.num_examples, cfg.batch_size, cfg.steps_per_epoch)
+  if cfg.batch_log_class_probs is None:
+    index = sampling.epoch_permutation_slice(
+        data_key, step, cfg.num_examples, cfg.batch_size, cfg.steps_per_epoch)
+  else:
+    # A fourth key beside the split, so the default sampler's stream is kept.
+    index = sampling.class_level_sample(jax.random.fold_in(key, 3), cfg.class_index,
+                                        cfg.batch_log_class_probs, cfg.batch_size)
   labels = train_labels[index]
   images = augment.random_crop_flip(aug_key, train_images[index], cfg.padding)
   batch = {"image": augment.normalize(images, cfg.mean, cfg.std), "label": labels}
   if cfg.mix_factor is None:
     batch["partner_image"], batch["partner_label"] = batch["image"], labels
+  elif cfg.mix_space == "hidden":
+    # Manifold mixup: the partner's hidden state must come from the same
+    # forward pass, so partners are a random permutation of the batch.
+    position = jax.random.permutation(partner_key, cfg.batch_size).astype(jnp.int32)
+    batch["partner_position"], batch["partner_label"] = position, labels[position]
   elif cfg.pairing == "in_batch":
     # Partners are (already augmented) members of the batch, as in the
     # official code.
     position = sampling.in_batch_partners(partner_key, labels, cfg.log_counts,
-                                          cfg.partner_tau)
+                                          cfg.in_batch_tau)
     batch["partner_image"] = batch["image"][position]
     batch["partner_label"] = labels[position]
   else:
@@ -172,35 +218,49 @@ def train_step(state: TrainState, batch: dict, key: jax.Array, cfg: StepConfig,
   Args:
     state: TrainState (params, batch_stats, optimizer state, step).
     batch: output of `prepare_batch`.
-    key: the step's key (the mixing factor is drawn from it).
+    key: the step's key (mixing factor; manifold mixup's layer).
     cfg: StepConfig.
-    loss_fn: per-example loss (logits, labels) -> [B].
+    loss_fn: per-example loss (logits, labels, step) -> [B] (`losses.make_loss`).
 
   Returns:
     (new state, dict of scalar metrics).
   """
+  labels_i, labels_j = batch["label"], batch["partner_label"]
+  prior_i, prior_j = cfg.prior[labels_i], cfg.prior[labels_j]
   if cfg.mix_factor is None:
-    xi = jnp.ones(batch["label"].shape, jnp.float32)
+    xi = jnp.ones(labels_i.shape, jnp.float32)
   else:
-    factor = mixing.FACTORS[cfg.mix_factor](
-        key, cfg.prior[batch["label"]], cfg.prior[batch["partner_label"]], cfg.alpha)
+    factor = mixing.FACTORS[cfg.mix_factor](key, prior_i, prior_j, cfg.alpha)
     # After T1 (mix.stop_epoch) xi = 1 turns the step into plain training on
     # the R batch without recompiling (Algorithm 1, lines 10-13).
     xi = jnp.where(state.step < cfg.mix_stop_step, factor, 1.0)
-  images = mixing.mix_images(batch["image"], batch["partner_image"], xi)
+  label_weight = mixing.LABEL_RULES[cfg.label_rule](xi, prior_i, prior_j,
+                                                    cfg.remix_kappa, cfg.remix_tau)
+  model_kwargs = {}
+  if cfg.mix_space == "hidden":
+    images = batch["image"]
+    layer = jax.random.choice(jax.random.fold_in(key, 1),
+                              jnp.asarray(cfg.manifold_layers, jnp.int32))
+    model_kwargs["mix"] = mixing.HiddenMix(batch["partner_position"], xi, layer)
+  else:
+    images = mixing.mix_images(batch["image"], batch["partner_image"], xi)
+
+  def per_label_loss(logits, labels):
+    return loss_fn(logits, labels, state.step)
 
   def loss_of(params):
     logits, updates = state.apply_fn(
         {"params": params, "batch_stats": state.batch_stats}, images, train=True,
-        mutable=["batch_stats"])
-    per_example = mixing.mixed_loss(loss_fn, logits, batch["label"],
-                                    batch["partner_label"], xi)
+        mutable=["batch_stats"], **model_kwargs)
+    per_example = mixing.mixed_loss(per_label_loss, logits, labels_i, labels_j,
+                                    label_weight)
     return jnp.mean(per_example), updates["batch_stats"]
 
   (loss, batch_stats), grads = jax.value_and_grad(loss_of, has_aux=True)(state.params)
   new_state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
   stats = {"loss": loss, "grad_norm": optax.global_norm(grads),
-           "param_norm": optax.global_norm(state.params), "mean_xi": jnp.mean(xi)}
+           "param_norm": optax.global_norm(state.params), "mean_xi": jnp.mean(xi),
+           "mean_label_weight": jnp.mean(label_weight)}
   return new_state, stats
 
 
@@ -259,7 +319,7 @@ class Setup(NamedTuple):
   update: Any      # (state, *arrays) -> (state, stats), jitted, state donated.
   eval_fn: Any     # (state, uint8 images) -> logits, jitted.
   state: TrainState
-  arrays: tuple    # (train_images, train_labels, step_cfg) on the devices.
+  arrays: tuple    # (train_images, train_labels, step_cfg, run_keys) on the devices.
   step_cfg: StepConfig
 
 
@@ -276,16 +336,21 @@ def build(config, dataset: datasets.Dataset, mesh) -> Setup:
   """
   replicated, data_sharded = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
   step_cfg = make_step_config(config, dataset)
-  loss_fn = losses.make_loss(config.loss, dataset.prior)
+  loss_fn = losses.make_loss(config.loss, dataset.prior, step_cfg.steps_per_epoch,
+                             models.logit_scale(config.model))
   tx, schedule = make_optimizer(config, step_cfg.steps_per_epoch)
   model = models.create_model(config.model, dataset.info.num_classes)
   # One key for the run: init, the sampler's epoch permutations, and a root
   # folded with the global step, so a resumed run draws the same numbers.
-  init_key, data_key, step_root = jax.random.split(jax.random.key(config.seed), 3)
-  state = create_train_state(init_key, model, dataset.train_images.shape[1:], tx)
+  # They enter the step as an argument, not as constants, so runs that differ
+  # only in the seed compile to the same program (and share a compilation
+  # cache entry).
+  run_keys = jax.random.split(jax.random.key(config.seed), 3)
+  state = create_train_state(run_keys[0], model, dataset.train_images.shape[1:], tx)
 
   @functools.partial(jax.jit, donate_argnums=(0,), out_shardings=(replicated, replicated))
-  def update(state, train_images, train_labels, step_cfg):
+  def update(state, train_images, train_labels, step_cfg, run_keys):
+    data_key, step_root = run_keys[1], run_keys[2]
     step_key = jax.random.fold_in(step_root, state.step)
     batch_key, mix_key = jax.random.split(step_key)
     batch = prepare_batch(train_images, train_labels, state.step, batch_key,
@@ -297,7 +362,8 @@ def build(config, dataset: datasets.Dataset, mesh) -> Setup:
 
   eval_fn = jax.jit(functools.partial(eval_step, mean=dataset.info.mean,
                                       std=dataset.info.std), out_shardings=replicated)
-  arrays = jax.device_put((dataset.train_images, dataset.train_labels, step_cfg), replicated)
+  arrays = jax.device_put(
+      (dataset.train_images, dataset.train_labels, step_cfg, run_keys), replicated)
   return Setup(update, eval_fn, jax.device_put(state, replicated), arrays, step_cfg)
 
 

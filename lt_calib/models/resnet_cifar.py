@@ -1,9 +1,18 @@
 """ResNet for CIFAR (He et al. 2016, Sec. 4.2), as used by LDAM-DRW and Prior-LT.
 
 ResNet-(6n+2): a 3x3 stem, three stages of n BasicBlocks with 16/32/64
-channels (stride 1/2/2), global average pooling and a linear head. Shortcuts
-are option A: strided subsampling plus zero-padded channels, so they add no
-parameters. ResNet-32 (n = 5) with 10 classes has 464,154 parameters.
+channels (stride 1/2/2), global average pooling and a head (linear, or
+LDAM's normalised one, see heads.py). Shortcuts are option A: strided
+subsampling plus zero-padded channels, so they add no parameters. ResNet-32
+(n = 5) with 10 classes has 464,154 parameters.
+
+Manifold mixup (Verma et al. 2019) mixes the hidden states at layer k: k = 0
+is the input, k = s the output of stage s. The model takes the instruction
+(`mixing.HiddenMix`) and mixes at the chosen layer only; partners are members
+of the same batch, so their hidden states come from the same forward pass.
+BatchNorm statistics are those of the batch as it is at each layer: unmixed
+states before layer k, mixed ones after (as in Verma et al.'s code, which
+mixes within the batch too).
 """
 
 import functools
@@ -11,6 +20,9 @@ from typing import Any
 
 import flax.linen as nn
 import jax.numpy as jnp
+
+from lt_calib import mixing
+from lt_calib.models import heads
 
 # Kaiming-normal (fan-in, gain sqrt 2), untruncated like torch's kaiming_normal_.
 kaiming_normal = nn.initializers.variance_scaling(2.0, "fan_in", "normal")
@@ -49,17 +61,23 @@ class ResNetCifar(nn.Module):
     width: channels of the first stage (16 in the paper); stages use
       width, 2 width, 4 width.
     dtype: computation dtype (parameters stay float32).
+    head: key of heads.HEADS ('linear' or 'normalized').
+    head_scale: s of the normalised head.
   """
   num_classes: int
   depth: int = 32
   width: int = 16
   dtype: Any = jnp.float32
+  head: str = "linear"
+  head_scale: float = 30.0
 
   @nn.compact
-  def __call__(self, x, train: bool = True):
+  def __call__(self, x, train: bool = True, mix: mixing.HiddenMix | None = None):
+    """Logits of `x`; `mix` (training only) mixes hidden states, see above."""
     if (self.depth - 2) % 6 or self.depth < 8:
       raise ValueError(f"model.depth must be 6n+2 with n >= 1, got {self.depth}.")
     blocks = (self.depth - 2) // 6
+    x = mixing.mix_hidden(x, mix, 0)
     x = nn.Conv(self.width, (3, 3), padding=1, use_bias=False,
                 kernel_init=kaiming_normal, dtype=self.dtype)(x)
     x = nn.relu(nn.BatchNorm(use_running_average=not train, momentum=0.9,
@@ -68,6 +86,11 @@ class ResNetCifar(nn.Module):
       for block in range(blocks):
         strides = 2 if stage > 0 and block == 0 else 1
         x = BasicBlock(self.width * 2 ** stage, strides, self.dtype)(x, train)
+      if mix is not None:
+        # Sown so tests can see the state each layer hands on.
+        self.sow("intermediates", f"stage{stage + 1}_input_to_mix", x)
+      x = mixing.mix_hidden(x, mix, stage + 1)
     x = jnp.mean(x, axis=(1, 2))
-    x = nn.Dense(self.num_classes, kernel_init=kaiming_normal, dtype=self.dtype)(x)
+    make_head = heads.get_head(self.head)
+    x = make_head(self.num_classes, self.head_scale, self.dtype, kaiming_normal)(x)
     return x.astype(jnp.float32)

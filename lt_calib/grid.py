@@ -1,0 +1,333 @@
+"""Grid runner: trains every (mix, loss, seed) cell and writes the comparison.
+
+  python -m lt_calib.grid --config=configs/grids/table4.py[:smoke|:cpu] --workdir=DIR
+
+A grid config holds `base` (a full experiment config), `mixes` and `losses`
+(names of MIX_PRESETS / LOSS_PRESETS below), `seeds`, and `baseline` (the
+(mix, loss) row the last delta column is measured from). Each cell trains in
+this process with `train.train_and_evaluate` in DIR/<mix>__<loss>__seed<k>;
+a cell whose summary.json is there is skipped, a cell with only checkpoints
+resumes, so an interrupted grid is finished by running the same command
+again. DIR/table.md and DIR/table.csv then give, per (mix, loss), the mean
+and sample std over seeds of the final-epoch top-1, many/medium/few-shot
+accuracy, ECE and NLL, grouped by loss in the layout of the paper's Table 4.
+"""
+
+import json
+import logging
+import math
+import os
+import pathlib
+import time
+from typing import Any, Callable, Dict, NamedTuple
+
+from absl import app
+from absl import flags
+import jax
+from ml_collections import config_flags
+import numpy as np
+
+from lt_calib import mixing, reporting, train
+
+FLAGS = flags.FLAGS
+
+# Loss names of a grid -> config overrides. The one place where a name such
+# as 'ldam_drw' is defined; anything not set here comes from `base`.
+LOSS_PRESETS: Dict[str, Dict[str, Any]] = {
+    "ce": {"loss.name": "ce"},
+    "bayias": {"loss.name": "bayias"},
+    "logit_adjusted": {"loss.name": "logit_adjusted"},
+    "focal": {"loss.name": "focal"},
+    "cb_ce": {"loss.name": "class_balanced", "loss.base": "ce"},
+    "cb_focal": {"loss.name": "class_balanced", "loss.base": "focal"},
+    "cdt": {"loss.name": "cdt"},
+    "ldam": {"loss.name": "ldam", "model.head": "normalized"},
+    # DRW from `base.loss.drw_epoch` (160 of 200 in the paper protocol; the
+    # reduced grids move it with their schedule).
+    "ldam_drw": {"loss.name": "ldam", "loss.schedule": "drw", "model.head": "normalized"},
+    "ce_drw": {"loss.name": "ce", "loss.schedule": "drw"},
+}
+
+# Mix names -> overrides: every mixing method, and the two re-samplers (no
+# mixing, class-level main batch).
+MIX_PRESETS: Dict[str, Dict[str, Any]] = {
+    **{name: {"mix.name": name} for name in mixing.MIX_METHODS},
+    "cb_resample": {"mix.name": "none", "sampler.name": "class_balanced"},
+    "sqrt_resample": {"mix.name": "none", "sampler.name": "square_root"},
+}
+
+# Fields that do not change what a cell computes; a finished cell is still
+# reused when only these differ.
+BOOKKEEPING_FIELDS = (
+    "log_every_steps", "tensorboard", "keep_checkpoints", "checkpoint_every_epochs",
+    "eval_every_epochs", "eval_batch_size", "dataset.source", "dataset.data_file",
+    "dataset.tfds_data_dir", "dataset.cache_dir")
+
+# (summary key, column title, factor to the unit shown).
+METRICS = (("top1", "Top-1 (%)", 100.0), ("many_acc", "Many (%)", 100.0),
+           ("medium_acc", "Medium (%)", 100.0), ("few_acc", "Few (%)", 100.0),
+           ("ece", "ECE (%)", 100.0), ("nll", "NLL", 1.0))
+
+
+class Cell(NamedTuple):
+  mix: str
+  loss: str
+  seed: int
+
+  @property
+  def name(self) -> str:
+    return f"{self.mix}__{self.loss}__seed{self.seed}"
+
+
+def grid_cells(grid) -> list:
+  """Every (mix, loss, seed) of the grid, in table order; checks the names."""
+  for kind, names, presets in (("mixes", grid.mixes, MIX_PRESETS),
+                               ("losses", grid.losses, LOSS_PRESETS)):
+    unknown = [n for n in names if n not in presets]
+    if unknown:
+      raise ValueError(f"grid.{kind} has unknown names {unknown}; allowed: "
+                       f"{sorted(presets)}.")
+  return [Cell(m, l, int(s)) for l in grid.losses for m in grid.mixes for s in grid.seeds]
+
+
+def _set_field(config, dotted: str, value) -> None:
+  *parents, leaf = dotted.split(".")
+  node = config
+  for name in parents:
+    node = node[name]
+  if leaf not in node:
+    raise KeyError(f"config has no field {dotted!r}.")
+  node[leaf] = value
+
+
+def cell_config(grid, cell: Cell):
+  """`grid.base` with the cell's mix, loss and seed applied (a new config)."""
+  config = grid.base.copy_and_resolve_references()
+  overrides = {**MIX_PRESETS[cell.mix], **LOSS_PRESETS[cell.loss], "seed": cell.seed}
+  for dotted, value in overrides.items():
+    _set_field(config, dotted, value)
+  return config
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+  flat = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      flat.update(_flatten(value, f"{prefix}{key}."))
+    else:
+      flat[f"{prefix}{key}"] = value
+  return flat
+
+
+def config_differences(saved: dict, config) -> list:
+  """Dotted fields (bookkeeping ones left out) where a saved config differs."""
+  a, b = _flatten(saved), _flatten(json.loads(config.to_json_best_effort()))
+  return sorted(k for k in set(a) | set(b)
+                if k not in BOOKKEEPING_FIELDS and a.get(k) != b.get(k))
+
+
+def is_finished(cell_dir: pathlib.Path, config) -> bool:
+  """True if `cell_dir` holds a finished run of `config`.
+
+  Raises:
+    ValueError: the folder holds (part of) a run of another config, which
+      resuming would silently mix with this one.
+  """
+  for name in ("summary.json", "config.json"):
+    path = cell_dir / name
+    if path.exists():
+      saved = json.loads(path.read_text())
+      diff = config_differences(saved["config"] if name == "summary.json" else saved,
+                                config)
+      if diff:
+        raise ValueError(f"{path} is from another config (fields {diff[:8]} differ); "
+                         "use a new --workdir or remove that cell's folder.")
+  summary_path = cell_dir / "summary.json"
+  if not summary_path.exists():
+    return False
+  summary = json.loads(summary_path.read_text())
+  return summary["steps"] == config.num_epochs * (summary["num_train_images"]
+                                                  // config.batch_size)
+
+
+def _mean_std(values: list) -> tuple:
+  """(mean, sample std) of the non-None values; std None below two values."""
+  values = [v for v in values if v is not None]
+  if not values:
+    return None, None
+  std = float(np.std(values, ddof=1)) if len(values) > 1 else None
+  return float(np.mean(values)), std
+
+
+def aggregate(grid, finals: Dict[tuple, list]) -> list:
+  """One row per (mix, loss): mean/std of each metric and the top-1 deltas.
+
+  Args:
+    grid: grid config (mixes, losses, baseline).
+    finals: (mix, loss) -> list of `summary['final']` dicts, one per seed.
+
+  Returns:
+    list of dicts, in table order (grouped by loss as in Table 4): 'mix',
+    'loss', 'seeds', '<metric>_mean' / '<metric>_std' in the shown unit,
+    'delta_same_loss' (vs the 'none' row of the same loss, Table 4's delta)
+    and 'delta_baseline' (vs `grid.baseline`); None where undefined.
+  """
+  rows = []
+  for loss in grid.losses:
+    for mix in grid.mixes:
+      runs = finals.get((mix, loss), [])
+      row = {"mix": mix, "loss": loss, "seeds": len(runs)}
+      for key, _, unit in METRICS:
+        mean, std = _mean_std([None if r.get(key) is None else unit * r[key] for r in runs])
+        row[f"{key}_mean"], row[f"{key}_std"] = mean, std
+      rows.append(row)
+  top1 = {(r["mix"], r["loss"]): r["top1_mean"] for r in rows}
+  baseline = tuple(grid.baseline)
+
+  def delta(row, reference):
+    if (row["mix"], row["loss"]) == reference:
+      return None
+    mine, theirs = row["top1_mean"], top1.get(reference)
+    return None if mine is None or theirs is None else mine - theirs
+
+  for row in rows:
+    row["delta_same_loss"] = delta(row, ("none", row["loss"]))
+    row["delta_baseline"] = delta(row, baseline)
+  return rows
+
+
+def _number(value, digits=2, signed=False) -> str:
+  if value is None or (isinstance(value, float) and math.isnan(value)):
+    return "-"
+  return f"{value:+.{digits}f}" if signed else f"{value:.{digits}f}"
+
+
+def _cell_text(mean, std, digits) -> str:
+  if mean is None:
+    return "-"
+  return _number(mean, digits) if std is None else f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
+def table_markdown(grid, rows: list) -> str:
+  """The comparison as a Markdown table, with what it measures above it."""
+  base = grid.base
+  baseline = " + ".join(grid.baseline)
+  lines = [
+      f"# {grid.get('title', 'Grid')}",
+      "",
+      f"{base.dataset.name}-LT, rho = {base.dataset.imbalance_ratio:g}; "
+      f"ResNet-{base.model.depth} (width {base.model.width}), "
+      f"{base.num_epochs} epoch{'s' if base.num_epochs != 1 else ''}, batch "
+      f"{base.batch_size}; seeds {list(grid.seeds)}.",
+      "Final-epoch test metrics, mean ± sample std over the seeds that finished "
+      "(no std with one seed). Δ: top-1 minus the `none` row of the same loss "
+      f"(the paper's Table 4); Δ {baseline}: minus that row. Few is '-' when no "
+      "class has fewer than 20 training images (e.g. CIFAR-10-LT at rho = 100).",
+      "",
+      "| Mix | Loss | " + " | ".join(
+          [METRICS[0][1], "Δ", f"Δ {baseline}"] + [t for _, t, _ in METRICS[1:]])
+      + " | Seeds |",
+      "|" + "---|" * (len(METRICS) + 5),
+  ]
+  for row in rows:
+    cells = [row["mix"], row["loss"], _cell_text(row["top1_mean"], row["top1_std"], 2),
+             _number(row["delta_same_loss"], signed=True),
+             _number(row["delta_baseline"], signed=True)]
+    for key, _, _ in METRICS[1:]:
+      digits = 3 if key == "nll" else 2
+      cells.append(_cell_text(row[f"{key}_mean"], row[f"{key}_std"], digits))
+    cells.append(str(row["seeds"]))
+    lines.append("| " + " | ".join(cells) + " |")
+  return "\n".join(lines) + "\n"
+
+
+def table_csv(rows: list) -> str:
+  """The rows as CSV; accuracies and ECE in %, NLL in nats; empty = undefined."""
+  columns = ["mix", "loss", "seeds", "top1_mean", "top1_std", "delta_same_loss",
+             "delta_baseline"]
+  for key, _, _ in METRICS[1:]:
+    columns += [f"{key}_mean", f"{key}_std"]
+  lines = [",".join(columns)]
+  for row in rows:
+    values = []
+    for column in columns:
+      value = row[column]
+      values.append("" if value is None else
+                    f"{value:.6g}" if isinstance(value, float) else str(value))
+    lines.append(",".join(values))
+  return "\n".join(lines) + "\n"
+
+
+def run_grid(grid, workdir: str, train_fn: Callable | None = None) -> list:
+  """Trains the unfinished cells, then writes table.md and table.csv.
+
+  Args:
+    grid: grid config.
+    workdir: the grid's folder.
+    train_fn: (config, cell_workdir) -> summary; `train.train_and_evaluate`
+      by default (tests pass a stand-in).
+
+  Returns:
+    The aggregated rows (see `aggregate`).
+
+  Raises:
+    RuntimeError: after writing the tables, if some cell's loss became
+      non-finite (that cell is left out of the table).
+  """
+  train_fn = train_fn or train.train_and_evaluate
+  workdir = pathlib.Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  cells = grid_cells(grid)
+  finals, failed = {}, []
+  for number, cell in enumerate(cells, 1):
+    config, cell_dir = cell_config(grid, cell), workdir / cell.name
+    if is_finished(cell_dir, config):
+      logging.info("cell %d/%d %s: finished before, skipped", number, len(cells), cell.name)
+    else:
+      logging.info("cell %d/%d %s: training", number, len(cells), cell.name)
+      start = time.time()
+      try:
+        train_fn(config, str(cell_dir))
+      except train.NonFiniteLossError as e:
+        logging.error("cell %s failed: %s", cell.name, e)
+        failed.append(cell.name)
+        continue
+      finally:
+        jax.clear_caches()  # Compiled steps of finished cells are not reused.
+      logging.info("cell %s done in %.0f s", cell.name, time.time() - start)
+    summary = json.loads((cell_dir / "summary.json").read_text())
+    finals.setdefault((cell.mix, cell.loss), []).append(summary["final"])
+  rows = aggregate(grid, finals)
+  (workdir / "table.md").write_text(table_markdown(grid, rows))
+  (workdir / "table.csv").write_text(table_csv(rows))
+  reporting.write_json(workdir / "grid.json", {
+      "grid": json.loads(grid.to_json_best_effort()), "failed_cells": failed})
+  logging.info("wrote %s and table.csv", workdir / "table.md")
+  if failed:
+    raise RuntimeError(f"cells {failed} stopped on a non-finite loss; the tables "
+                       "leave them out.")
+  return rows
+
+
+def define_flags():
+  """Defines the CLI flags; called only when run as a program (as evaluate.py)."""
+  flags.DEFINE_string("workdir", None, "Grid folder; finished cells there are skipped.")
+  config_flags.DEFINE_config_file("config", None, "Grid config file[:variant].",
+                                  lock_config=True)
+  flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+    # Cells that differ only in the seed compile to the same programs; the
+    # persistent cache lets every seed after the first skip compilation.
+    jax.config.update("jax_compilation_cache_dir",
+                      str(pathlib.Path(FLAGS.workdir, "compilation_cache").resolve()))
+  run_grid(FLAGS.config, FLAGS.workdir)
+
+
+if __name__ == "__main__":
+  define_flags()
+  app.run(main)
