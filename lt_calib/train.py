@@ -14,7 +14,6 @@ BatchNorm statistics are over the global batch, because the mean inside the
 jitted step is a mean over the whole (sharded) batch axis.
 """
 
-import dataclasses
 import functools
 import json
 import logging
