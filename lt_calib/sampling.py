@@ -92,6 +92,9 @@ def class_level_sample(key: jax.Array, index: ClassIndex, log_class_probs: jax.A
     int32 [batch_size] training indices.
   """
   class_key, member_key = jax.random.split(key)
+  # A class without images (possible with dataset.zero_count_smoothing) can
+  # have prior mass but nothing to draw: never pick it.
+  log_class_probs = jnp.where(index.counts > 0, log_class_probs, -jnp.inf)
   classes = jax.random.categorical(class_key, log_class_probs, shape=(batch_size,))
   counts = index.counts[classes]
   offset = jax.random.randint(member_key, (batch_size,), 0, jnp.maximum(counts, 1))

@@ -61,6 +61,15 @@ def test_class_level_sampler_follows_pi_to_the_tau():
   assert set(members.tolist()) == set(np.where(LABELS == 4)[0].tolist())
 
 
+def test_class_level_sampler_skips_classes_without_images():
+  labels = np.array([0, 0, 0, 2, 2])
+  index = sampling.class_index(labels, 3)
+  uniform = jnp.log(jnp.full(3, 1 / 3))
+  idx = np.asarray(sampling.class_level_sample(jax.random.key(2), index, uniform, 3000))
+  drawn = np.bincount(labels[idx], minlength=3)
+  assert drawn[1] == 0 and abs(drawn[0] - 1500) < 150  # Class 1 has no image.
+
+
 def test_in_batch_pairing_follows_n_to_the_one_plus_tau():
   tau, batch, rounds = -0.5, 128, 200
   log_counts = jnp.log(jnp.asarray(COUNTS, jnp.float32))
