@@ -236,7 +236,9 @@ def train_step(state: TrainState, batch: dict, key: jax.Array, cfg: StepConfig,
   label_weight = mixing.LABEL_RULES[cfg.label_rule](xi, prior_i, prior_j,
                                                     cfg.remix_kappa, cfg.remix_tau)
   model_kwargs = {}
-  if cfg.mix_space == "hidden":
+  if cfg.mix_factor is None:
+    images = batch["image"]  # No mixing: skip the 1 x + 0 x pass.
+  elif cfg.mix_space == "hidden":
     images = batch["image"]
     layer = jax.random.choice(jax.random.fold_in(key, 1),
                               jnp.asarray(cfg.manifold_layers, jnp.int32))
@@ -251,8 +253,11 @@ def train_step(state: TrainState, batch: dict, key: jax.Array, cfg: StepConfig,
     logits, updates = state.apply_fn(
         {"params": params, "batch_stats": state.batch_stats}, images, train=True,
         mutable=["batch_stats"], **model_kwargs)
-    per_example = mixing.mixed_loss(per_label_loss, logits, labels_i, labels_j,
-                                    label_weight)
+    if cfg.mix_factor is None:  # One loss term, not 1 L(y) + 0 L(y).
+      per_example = per_label_loss(logits, labels_i)
+    else:
+      per_example = mixing.mixed_loss(per_label_loss, logits, labels_i, labels_j,
+                                      label_weight)
     return jnp.mean(per_example), updates["batch_stats"]
 
   (loss, batch_stats), grads = jax.value_and_grad(loss_of, has_aux=True)(state.params)
