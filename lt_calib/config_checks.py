@@ -1,13 +1,17 @@
 """Up-front checks of a config, so bad values fail before any data is read.
 
-Each error names the field, the value and what is allowed. Names chosen from
-registries (dataset, model, head, mix, loss, sampler) are checked again where
-they are looked up, with the registry's own list.
+Each error is a `ConfigError` whose one-line message names the field, the
+value and what is allowed. Names chosen from registries (dataset, model, head,
+mix, loss, sampler) are checked again where they are looked up, with the
+registry's own list.
 """
 
 import math
+from typing import Callable
 
-from lt_calib import datasets, losses, mixing, models, sampling
+from lt_calib import losses, mixing, models
+from lt_calib.data import long_tail, sampling, sources
+from lt_calib.errors import ConfigError
 from lt_calib.models import heads
 
 PAIRINGS = ("sampler", "in_batch")
@@ -15,44 +19,111 @@ PAIRINGS = ("sampler", "in_batch")
 
 def _require(ok: bool, message: str):
   if not ok:
-    raise ValueError(message)
+    raise ConfigError(message)
+
+
+def _is_number(value) -> bool:
+  # bool is an int subclass, but True is never meant as a learning rate.
+  return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_number(field: str, value, ok: Callable[[float], bool] = lambda v: True,
+                  allowed: str = "") -> None:
+  """Raises ConfigError unless `value` is a finite number for which `ok` holds.
+
+  NaN is caught first and said in words: every comparison with NaN is False,
+  so 'must be > 0, got nan' would leave the user guessing.
+
+  Args:
+    field: dotted name of the field, e.g. 'optim.learning_rate'.
+    value: its value.
+    ok: the range test, applied to finite numbers only.
+    allowed: the range in words, e.g. '> 0' or 'in [0, 1)'.
+  """
+  if not _is_number(value) or not math.isfinite(value):
+    rule = f"a finite number {allowed}".rstrip()
+    raise ConfigError(f"{field} must be {rule}, got {value!r}.")
+  _require(ok(value), f"{field} must be {allowed}, got {value}.")
+
+
+def _check_int(field: str, value, minimum: int) -> None:
+  """Raises ConfigError unless `value` is an integer >= `minimum`."""
+  _require(isinstance(value, int) and not isinstance(value, bool) and value >= minimum,
+           f"{field} must be an integer >= {minimum}, got {value!r}.")
+
+
+def _check_dataset(ds) -> None:
+  info = sources.get_info(ds.name)
+  _check_int("dataset.num_classes", ds.num_classes, 1)
+  # 0 in the table: the dataset takes its class count from the config.
+  _require(info.num_classes in (0, ds.num_classes),
+           f"dataset.num_classes={ds.num_classes} disagrees with {ds.name!r}, which "
+           f"has {info.num_classes} classes.")
+  _require(ds.source in sources.SOURCES,
+           f"dataset.source={ds.source!r} is unknown; allowed: {sources.SOURCES}.")
+  _check_number("dataset.imbalance_ratio", ds.imbalance_ratio, lambda v: v >= 1,
+                ">= 1 (1 = balanced)")
+  _require(ds.imbalance_type in long_tail.PROFILES,
+           f"dataset.imbalance_type={ds.imbalance_type!r} is unknown; allowed: "
+           f"{long_tail.PROFILES}.")
+  _check_number("dataset.zero_count_smoothing", ds.get("zero_count_smoothing", 0.0),
+                lambda v: v >= 0, ">= 0")
+  # 0 means 'all' for these two; a negative value is a typo, not a request.
+  _check_int("dataset.test_subset", ds.get("test_subset", 0), 0)
+  _check_int("dataset.val_per_class", ds.get("val_per_class", 0), 0)
+  _check_int("dataset.crop_padding", ds.get("crop_padding", 0), 0)
 
 
 def _check_mix(mix) -> None:
   mixing.get_method(mix.name)
-  _require(mix.alpha is None or mix.alpha > 0,
-           f"mix.alpha must be > 0 (Beta(alpha, alpha)) or None (the method's "
-           f"default), got {mix.alpha}.")
-  _require(math.isfinite(mix.tau), f"mix.tau must be a finite number, got {mix.tau}.")
+  if mix.alpha is not None:
+    _check_number("mix.alpha", mix.alpha, lambda v: v > 0,
+                  "> 0 (Beta(alpha, alpha)) or None (the method's default)")
+  _check_number("mix.tau", mix.tau)
+  mixing.partner_exponent(mix)  # Checks mix.tau_units.
   _require(mix.pairing in PAIRINGS,
            f"mix.pairing={mix.pairing!r} is unknown; allowed: {PAIRINGS}.")
-  _require(mix.stop_epoch >= 0, f"mix.stop_epoch must be >= 0, got {mix.stop_epoch}.")
-  _require(mix.remix_kappa >= 1, f"mix.remix_kappa must be >= 1, got {mix.remix_kappa}.")
-  _require(0 <= mix.remix_tau <= 1, f"mix.remix_tau must be in [0, 1], got {mix.remix_tau}.")
+  _check_number("mix.stop_epoch", mix.stop_epoch, lambda v: v >= 0, ">= 0")
+  _check_number("mix.remix_kappa", mix.remix_kappa, lambda v: v >= 1, ">= 1")
+  _check_number("mix.remix_tau", mix.remix_tau, lambda v: 0 <= v <= 1, "in [0, 1]")
   layers = tuple(mix.manifold_layers)
   _require(len(layers) > 0 and all(k in (0, 1, 2, 3) for k in layers),
            f"mix.manifold_layers must be a non-empty subset of (0, 1, 2, 3) "
            f"(0 = input, k = after stage k), got {layers}.")
 
 
+def _check_model(config) -> None:
+  model = config.model
+  # Builds the (uninitialised) module: checks the name and the depth, cheaply.
+  models.create_model(model, config.dataset.num_classes)
+  heads.get_head(model.get("head", "linear"))
+  _check_number("model.head_scale", model.get("head_scale", 30.0), lambda v: v > 0, "> 0")
+  models.get_dtype(model.dtype)
+  if "width" in model:
+    _check_int("model.width", model.width, 1)
+
+
 def _check_loss(config) -> None:
   loss = config.loss
   if loss.name not in losses.LOSSES:
-    raise ValueError(f"loss.name={loss.name!r} is unknown; allowed: {sorted(losses.LOSSES)}.")
-  _require(math.isfinite(loss.la_tau), f"loss.la_tau must be finite, got {loss.la_tau}.")
-  _require(loss.focal_gamma >= 0, f"loss.focal_gamma must be >= 0, got {loss.focal_gamma}.")
-  _require(0 <= loss.cb_beta < 1, f"loss.cb_beta must be in [0, 1), got {loss.cb_beta}.")
+    raise ConfigError(f"loss.name={loss.name!r} is unknown; allowed: "
+                      f"{sorted(losses.LOSSES)}.")
+  # Parsed here, not only when the loss is built after the data is loaded.
+  losses.parse_test_prior(loss.get("test_prior", "uniform"), config.dataset.num_classes)
+  _check_number("loss.la_tau", loss.la_tau)
+  _check_number("loss.focal_gamma", loss.focal_gamma, lambda v: v >= 0, ">= 0")
+  _check_number("loss.cb_beta", loss.cb_beta, lambda v: 0 <= v < 1, "in [0, 1)")
   _require(loss.base in losses.FOCAL_BASES,
            f"loss.base={loss.base!r} is unknown; allowed: {losses.FOCAL_BASES}.")
-  _require(loss.cdt_gamma >= 0, f"loss.cdt_gamma must be >= 0, got {loss.cdt_gamma}.")
-  _require(loss.ldam_max_margin > 0,
-           f"loss.ldam_max_margin must be > 0, got {loss.ldam_max_margin}.")
+  _check_number("loss.cdt_gamma", loss.cdt_gamma, lambda v: v >= 0, ">= 0")
+  _check_number("loss.ldam_max_margin", loss.ldam_max_margin, lambda v: v > 0, "> 0")
   _require(loss.name != "ldam" or config.model.head == "normalized",
            "loss.name='ldam' needs the normalised cosine head it was designed "
            f"for: set model.head='normalized' (got {config.model.head!r}).")
   _require(loss.schedule in losses.SCHEDULES,
            f"loss.schedule={loss.schedule!r} is unknown; allowed: {losses.SCHEDULES}.")
   if loss.schedule == "drw":
+    _check_number("loss.drw_epoch", loss.drw_epoch)
     _require(0 <= loss.drw_epoch < config.num_epochs,
              f"loss.drw_epoch={loss.drw_epoch} must be in [0, num_epochs="
              f"{config.num_epochs}) for DRW to take effect.")
@@ -61,45 +132,41 @@ def _check_loss(config) -> None:
              "effective-number weights twice; use one or the other.")
 
 
+def _check_optim(opt) -> None:
+  _check_number("optim.learning_rate", opt.learning_rate, lambda v: v > 0, "> 0")
+  _check_number("optim.momentum", opt.momentum, lambda v: 0 <= v < 1, "in [0, 1)")
+  _check_number("optim.weight_decay", opt.weight_decay, lambda v: v >= 0, ">= 0")
+  _check_number("optim.warmup_epochs", opt.get("warmup_epochs", 0), lambda v: v >= 0,
+                ">= 0")
+  _require(len(opt.decay_epochs) == len(opt.decay_factors),
+           f"optim.decay_epochs {tuple(opt.decay_epochs)} and optim.decay_factors "
+           f"{tuple(opt.decay_factors)} need the same length.")
+  for k, (epoch, factor) in enumerate(zip(opt.decay_epochs, opt.decay_factors)):
+    _check_number(f"optim.decay_epochs[{k}]", epoch, lambda v: v >= 0, ">= 0")
+    # Each factor divides the next one's step, so 0 would make it inf.
+    _check_number(f"optim.decay_factors[{k}]", factor, lambda v: v > 0,
+                  "> 0 (a multiple of the base rate)")
+
+
 def check_config(config, num_devices: int = 1) -> None:
-  """Raises ValueError naming the first out-of-range field of `config`.
+  """Raises ConfigError naming the first out-of-range field of `config`.
 
   Args:
     config: the experiment ConfigDict.
     num_devices: devices the global batch is split over.
   """
-  ds = config.dataset
-  datasets.get_info(ds.name)
-  _require(ds.source in datasets.SOURCES,
-           f"dataset.source={ds.source!r} is unknown; allowed: {datasets.SOURCES}.")
-  _require(ds.imbalance_ratio >= 1,
-           f"dataset.imbalance_ratio must be >= 1 (1 = balanced), got {ds.imbalance_ratio}.")
-  _require(ds.imbalance_type in ("exp", "step"),
-           f"dataset.imbalance_type={ds.imbalance_type!r}; allowed: ('exp', 'step').")
-  _require(ds.get("zero_count_smoothing", 0.0) >= 0,
-           "dataset.zero_count_smoothing must be >= 0.")
+  _check_dataset(config.dataset)
   _check_mix(config.mix)
   sampling.get_batch_sampler_tau(config.sampler.name)
-  if config.model.name not in models.MODELS:
-    raise ValueError(f"model.name={config.model.name!r} is unknown; "
-                     f"allowed: {sorted(models.MODELS)}.")
-  heads.get_head(config.model.head)
-  _require(config.model.head_scale > 0,
-           f"model.head_scale must be > 0, got {config.model.head_scale}.")
-  models.get_dtype(config.model.dtype)
-  _require(config.num_epochs > 0, f"num_epochs must be > 0, got {config.num_epochs}.")
+  _check_model(config)
+  _check_int("num_epochs", config.num_epochs, 1)
   _check_loss(config)
-  _require(config.batch_size > 0 and config.batch_size % num_devices == 0,
-           f"batch_size={config.batch_size} must be a positive multiple of the "
-           f"{num_devices} devices.")
-  _require(config.eval_batch_size > 0 and config.eval_batch_size % num_devices == 0,
-           f"eval_batch_size={config.eval_batch_size} must be a positive multiple "
-           f"of the {num_devices} devices.")
-  opt = config.optim
-  _require(opt.learning_rate > 0, f"optim.learning_rate must be > 0, got {opt.learning_rate}.")
-  _require(0 <= opt.momentum < 1, f"optim.momentum must be in [0, 1), got {opt.momentum}.")
-  _require(opt.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {opt.weight_decay}.")
-  _require(len(opt.decay_epochs) == len(opt.decay_factors),
-           "optim.decay_epochs and optim.decay_factors need the same length.")
-  for name in ("log_every_steps", "eval_every_epochs", "checkpoint_every_epochs"):
-    _require(config[name] > 0, f"{name} must be > 0, got {config[name]}.")
+  for name in ("batch_size", "eval_batch_size"):
+    _check_int(name, config[name], 1)
+    _require(config[name] % num_devices == 0,
+             f"{name}={config[name]} must be a positive multiple of the "
+             f"{num_devices} devices.")
+  _check_optim(config.optim)
+  for name in ("log_every_steps", "eval_every_epochs", "checkpoint_every_epochs",
+               "calibration_bins"):
+    _check_int(name, config[name], 1)
