@@ -1,0 +1,131 @@
+# Helpers sourced by launch/tpu_*.sh and launch/gpu_multinode.sh (not run by itself).
+# shellcheck disable=SC2034  # Sets variables for the scripts that source it.
+#
+# Every command that touches the cloud or another machine goes through `run`
+# (or `query`, for commands whose answer steers the script). With DRY_RUN=1
+# they are printed, one shell-quoted line each, instead of being run, so the
+# printed text is itself a script of what would happen; progress notes are
+# printed as `# ...` comments. Without --dry-run, notes go to stderr.
+#
+# The dry run writes to fd 3, the script's stdout, so that commands printed
+# inside $(...) (the queries) still reach the terminal in order.
+
+exec 3>&1
+DRY_RUN=${DRY_RUN:-0}
+SCRIPT_NAME=${SCRIPT_NAME:-$(basename "$0")}
+
+die() {
+  echo "$SCRIPT_NAME: error: $*" >&2
+  exit 2
+}
+
+note() {
+  if [[ $DRY_RUN == 1 ]]; then
+    echo "# $*" >&3
+  else
+    echo "[$SCRIPT_NAME $(date -u +%H:%M:%S)] $*" >&2
+  fi
+}
+
+# Quotes one word for bash: bare when it is safe; in double quotes when it
+# holds single quotes but nothing that double quotes would expand; else in
+# single quotes. `--flag=value` keeps the flag bare: --format='value(x)'.
+quote_word() {
+  local word=$1
+  if [[ -n $word && $word =~ ^[A-Za-z0-9_./:=@%+,-]+$ ]]; then
+    printf '%s' "$word"
+  elif [[ $word =~ ^(--[A-Za-z0-9-]+=)(.+)$ ]]; then
+    printf '%s%s' "${BASH_REMATCH[1]}" "$(quote_word "${BASH_REMATCH[2]}")"
+  elif [[ $word == *"'"* && $word != *[\"\$\`\\!]* ]]; then
+    printf '"%s"' "$word"
+  else
+    printf "'%s'" "${word//\'/\'\\\'\'}"
+  fi
+}
+
+quote_command() {
+  local out="" word
+  for word in "$@"; do
+    out+="${out:+ }$(quote_word "$word")"
+  done
+  printf '%s\n' "$out"
+}
+
+# Runs "$@", or prints it under --dry-run.
+run() {
+  if [[ $DRY_RUN == 1 ]]; then
+    quote_command "$@" >&3
+  else
+    "$@"
+  fi
+}
+
+# Runs a local shell pipeline given as one string, or prints it as it is.
+run_shell() {
+  if [[ $DRY_RUN == 1 ]]; then
+    printf '%s\n' "$1" >&3
+  else
+    bash -c "$1"
+  fi
+}
+
+# query ANSWER CMD...: runs CMD and prints its stdout; under --dry-run prints
+# the command line and answers ANSWER, what the dry run pretends CMD printed.
+query() {
+  local answer=$1
+  shift
+  if [[ $DRY_RUN == 1 ]]; then
+    quote_command "$@" >&3
+    printf '%s\n' "$answer"
+  else
+    "$@"
+  fi
+}
+
+# query_status STATUS CMD...: the exit status of CMD (STATUS under --dry-run).
+query_status() {
+  local status=$1
+  shift
+  if [[ $DRY_RUN == 1 ]]; then
+    quote_command "$@" >&3
+    return "$status"
+  fi
+  "$@"
+}
+
+# Hosts (TPU VM workers) of an accelerator type. v2/v3/v4/v5p names count
+# TensorCores, 8 per host (4 chips of 2 cores): v4-32 = 16 chips = 4 hosts.
+# v5e/v6e names count chips, 4 per host in multi-host slices (8-chip slices
+# are one host).
+tpu_hosts() {
+  local type=$1 gen count
+  gen=${type%-*}
+  count=${type##*-}
+  [[ $count =~ ^[0-9]+$ ]] || die "--accelerator-type=$type: expected NAME-COUNT, e.g. v4-32."
+  case $gen in
+    v2 | v3 | v4 | v5p) echo $(((count + 7) / 8)) ;;
+    v5litepod | v5e | v6e) if ((count <= 8)); then echo 1; else echo $((count / 4)); fi ;;
+    *) die "--accelerator-type=$type: unknown TPU generation '$gen' (v2, v3, v4, v5p, v5litepod, v6e)." ;;
+  esac
+}
+
+# The flags naming one TPU for gcloud: --zone and, when given, --project.
+tpu_scope() {
+  TPU_SCOPE=(--zone="$ZONE")
+  if [[ -n ${PROJECT:-} ]]; then
+    TPU_SCOPE+=(--project="$PROJECT")
+  fi
+}
+
+# Reads `--flag value` or `--flag=value`; sets FLAG_VALUE and FLAG_SHIFT.
+flag_value() {
+  local arg=$1
+  if [[ $arg == *=* ]]; then
+    FLAG_VALUE=${arg#*=}
+    FLAG_SHIFT=1
+  else
+    [[ $# -ge 2 ]] || die "$arg needs a value (see --help)."
+    FLAG_VALUE=$2
+    FLAG_SHIFT=2
+  fi
+}
