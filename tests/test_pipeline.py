@@ -1,0 +1,417 @@
+"""The streaming input pipeline: index sequence, samplers, hosts, resumption, augmentation, errors.
+
+Expected values are worked out here from the sampler definitions (class
+counts, pi^tau by hand, a permutation covers each row once), never read back
+from the pipeline. Datasets are a few dozen small generated JPEGs.
+"""
+
+import collections
+import dataclasses
+import io
+import os
+import pathlib
+import subprocess
+import sys
+
+import ml_collections
+import numpy as np
+from PIL import Image
+import pytest
+from scipy import stats
+
+from lt_calib.data import fake, lists, pipeline, sampling
+from lt_calib.errors import ConfigError, DataError, MissingDataError
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+SIZE = 24  # Output side of the test pipelines.
+
+
+def config(root, **fields):
+  base = dict(name="imagenet_lt", num_classes=1000, image_root=str(root),
+              split_dir=str(root), train_list="", val_list="", test_list="",
+              source="auto", image_size=SIZE, test_subset=0, zero_count_smoothing=0.0,
+              tfds_data_dir="", cache_dir="")
+  base.update(fields)
+  return ml_collections.ConfigDict(base)
+
+
+def list_counts(path, num_classes):
+  labels = [int(line.split()[-1]) for line in pathlib.Path(path).read_text().splitlines()]
+  return np.bincount(labels, minlength=num_classes)
+
+
+@pytest.fixture(scope="module")
+def fake_root(tmp_path_factory):
+  """12-class fake ImageNet-LT: 24 down to 3 training images per class."""
+  root = tmp_path_factory.mktemp("fake_lt")
+  fake.build(root, num_classes=12, image_size="40x32", max_per_class=24, min_per_class=3,
+             val_per_class=1, test_per_class=4)
+  return root
+
+
+@pytest.fixture(scope="module")
+def dataset(fake_root):
+  return pipeline.load_streaming_dataset(
+      config(fake_root, name="image_list", num_classes=12,
+             train_list="ImageNet_LT_train.txt", test_list="ImageNet_LT_test.txt",
+             val_list="ImageNet_LT_val.txt"))
+
+
+def take(iterator, n):
+  return [next(iterator) for _ in range(n)]
+
+
+# ---------------------------------------------------------------------------
+# The index sequence.
+# ---------------------------------------------------------------------------
+
+def test_epoch_permutation_covers_every_image_once():
+  epoch0 = np.concatenate([pipeline.epoch_batch_indices(3, s, 120, 12) for s in range(10)])
+  epoch1 = np.concatenate([pipeline.epoch_batch_indices(3, s, 120, 12) for s in range(10, 20)])
+  assert np.array_equal(np.sort(epoch0), np.arange(120))
+  assert np.array_equal(np.sort(epoch1), np.arange(120))
+  assert not np.array_equal(epoch0, epoch1)  # A fresh permutation each epoch.
+  # N = 125, B = 12: 10 steps an epoch, 120 distinct rows, 5 left out.
+  partial = np.concatenate([pipeline.epoch_batch_indices(0, s, 125, 12) for s in range(10)])
+  assert len(np.unique(partial)) == 120 and partial.max() < 125
+
+
+def labels_with_counts(counts):
+  return np.repeat(np.arange(len(counts)), counts)
+
+
+def test_index_sequence_resumes_exactly():
+  labels = labels_with_counts([40, 20, 10, 5, 4, 1])
+  members = pipeline.class_members(labels, 6)
+  prior = np.bincount(labels) / len(labels)
+  for main in (None, sampling.class_level_log_probs(prior, 0.5)):
+    kwargs = dict(num_examples=80, global_batch=16, members=members,
+                  main_log_class_probs=main,
+                  partner_log_class_probs=sampling.class_level_log_probs(prior, -1.0))
+    straight = [pipeline.global_batch_indices(7, s, **kwargs) for s in range(30)]
+    pipeline._epoch_permutation.cache_clear()  # A fresh process resuming at step 17.
+    resumed = [pipeline.global_batch_indices(7, s, **kwargs) for s in range(17, 30)]
+    for a, b in zip(straight[17:], resumed):
+      assert a.keys() == b.keys() == {"main", "partner"}
+      assert all(np.array_equal(a[k], b[k]) for k in a)
+    seeds = [pipeline.augmentation_seeds(7, s, pipeline.MAIN, 16) for s in (17, 18)]
+    assert not np.array_equal(*seeds)
+
+
+def test_class_level_draws_follow_prior_power():
+  counts = [40, 20, 10, 5, 4, 1]
+  labels = labels_with_counts(counts)
+  members = pipeline.class_members(labels, 6)
+  prior = np.array(counts) / 80
+  # tau = -1: P(c) ∝ 1 / n_c = (1/40, 1/20, 1/10, 1/5, 1/4, 1) / 1.625.
+  inverse = np.array([0.015385, 0.030769, 0.061538, 0.123077, 0.153846, 0.615385])
+  # tau = 0.5: P(c) ∝ sqrt(n_c) = (6.325, 4.472, 3.162, 2.236, 2, 1) / 19.195.
+  square_root = np.array([6.3246, 4.4721, 3.1623, 2.2361, 2.0, 1.0]) / 19.1951
+  for stream, tau, expected in ((pipeline.STREAM_PARTNER, -1.0, inverse),
+                                (pipeline.STREAM_MAIN_CLASS, 0.5, square_root)):
+    log_probs = sampling.class_level_log_probs(prior, tau)
+    rows = np.concatenate([pipeline.class_level_indices(1, s, stream, members, log_probs, 64)
+                           for s in range(500)])
+    observed = np.bincount(labels[rows], minlength=6)
+    assert stats.chisquare(observed, expected * len(rows)).pvalue > 1e-3
+    # Within a class, each image is equally likely (class 0: rows 0..39).
+    within = np.bincount(rows[labels[rows] == 0], minlength=40)
+    assert stats.chisquare(within).pvalue > 1e-3
+
+
+def test_empty_class_is_never_drawn():
+  labels = labels_with_counts([5, 0, 5])
+  log_probs = np.log([0.2, 0.6, 0.2])  # Mass on the class without images.
+  rows = pipeline.class_level_indices(0, 0, pipeline.STREAM_PARTNER,
+                                      pipeline.class_members(labels, 3), log_probs, 400)
+  assert set(labels[rows].tolist()) == {0, 2}
+
+
+def test_host_slices_partition_the_global_batch():
+  rows = pipeline.epoch_batch_indices(0, 5, 1000, 48)
+  for count in (1, 2, 3, 4):
+    parts = [pipeline.host_slice(rows, p, count) for p in range(count)]
+    assert all(len(part) == 48 // count for part in parts)
+    assert np.array_equal(np.concatenate(parts), rows)
+  with pytest.raises(ConfigError, match="multiple of the 5 processes"):
+    pipeline.host_slice(rows, 0, 5)
+
+
+def test_eval_positions_pad_with_minus_one():
+  positions = pipeline.eval_positions(10, 4)
+  assert positions.tolist() == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, -1, -1]]
+
+
+# ---------------------------------------------------------------------------
+# tf.data batches.
+# ---------------------------------------------------------------------------
+
+def test_train_batches_follow_the_index_sequence(dataset, fake_root):
+  counts = list_counts(fake_root / "ImageNet_LT_train.txt", 12)
+  assert np.array_equal(dataset.prior.counts, counts)
+  log_probs = sampling.class_level_log_probs(counts / counts.sum(), -1.0)
+  batches = take(dataset.train_batches(seed=2, start_step=0, global_batch=48,
+                                       main_log_class_probs=None,
+                                       partner_log_class_probs=log_probs), 20)
+  first = batches[0]
+  assert first["image"].shape == first["partner_image"].shape == (48, SIZE, SIZE, 3)
+  assert first["image"].dtype == np.uint8 and first["label"].dtype == np.int32
+  # Main labels are those of the epoch permutation's rows.
+  for step in (0, 7):
+    rows = pipeline.epoch_batch_indices(2, step, len(dataset.train_labels), 48)
+    assert np.array_equal(batches[step]["label"], dataset.train_labels[rows])
+  # Partner classes follow pi^-1, i.e. 1 / n_c normalised.
+  expected = (1 / counts) / (1 / counts).sum()
+  observed = np.bincount(np.concatenate([b["partner_label"] for b in batches]), minlength=12)
+  assert stats.chisquare(observed, expected * observed.sum()).pvalue > 1e-3
+
+
+def test_resumed_batches_equal_uninterrupted_ones(dataset):
+  kwargs = dict(seed=5, global_batch=16, main_log_class_probs=None,
+                partner_log_class_probs=np.log(np.full(12, 1 / 12)))
+  straight = take(dataset.train_batches(start_step=0, **kwargs), 6)
+  resumed = take(dataset.train_batches(start_step=4, **kwargs), 2)
+  for a, b in zip(straight[4:], resumed):
+    for key in ("image", "label", "partner_image", "partner_label"):
+      np.testing.assert_array_equal(a[key], b[key])
+  assert not np.array_equal(straight[0]["image"], straight[1]["image"])
+
+
+def test_two_hosts_decode_the_rows_of_the_single_host(dataset):
+  kwargs = dict(seed=1, start_step=3, global_batch=16, main_log_class_probs=None,
+                partner_log_class_probs=np.log(np.full(12, 1 / 12)))
+  single = take(dataset.train_batches(**kwargs), 2)
+  hosts = [take(dataset.train_batches(process_index=p, process_count=2, **kwargs), 2)
+           for p in (0, 1)]
+  for step in range(2):
+    for key in ("image", "label", "partner_image", "partner_label"):
+      assert hosts[0][step][key].shape[0] == 8
+      np.testing.assert_array_equal(
+          np.concatenate([hosts[0][step][key], hosts[1][step][key]]), single[step][key])
+
+
+@pytest.mark.parametrize("process_count", [1, 2, 3])
+def test_eval_covers_every_image_once(dataset, process_count):
+  test_labels = [int(l.split()[-1]) for l in
+                 (dataset.splits["test"].image_list.path).read_text().splitlines()]
+  assert dataset.test_labels.tolist() == test_labels
+  per_process = [list(dataset.eval_batches(global_batch=18, process_index=p,
+                                           process_count=process_count))
+                 for p in range(process_count)]
+  # 48 test images -> 3 global batches of 18 (6 padding rows) on every process.
+  assert [len(b) for b in per_process] == [3] * process_count
+  index = np.concatenate([b["index"] for batches in per_process for b in batches])
+  assert np.array_equal(np.sort(index[index >= 0]), np.arange(48))
+  assert (index == -1).sum() == 6
+  for batches in per_process:
+    for b in batches:
+      real = b["index"] >= 0
+      assert b["label"][real].tolist() == [test_labels[i] for i in b["index"][real]]
+      assert not b["image"][~real].any()  # Padding is black.
+
+
+def test_eval_images_do_not_depend_on_process_count(dataset):
+  single = next(dataset.eval_batches(global_batch=12))
+  halves = [next(dataset.eval_batches(global_batch=12, process_index=p, process_count=2))
+            for p in (0, 1)]
+  np.testing.assert_array_equal(np.concatenate([h["image"] for h in halves]), single["image"])
+
+
+# ---------------------------------------------------------------------------
+# Decoding and augmentation.
+# ---------------------------------------------------------------------------
+
+def write_image(path, array, image_format="JPEG"):
+  path.parent.mkdir(parents=True, exist_ok=True)
+  buffer = io.BytesIO()
+  Image.fromarray(array).save(buffer, format=image_format, quality=100)
+  path.write_bytes(buffer.getvalue())
+
+
+def image_list_set(root, images, num_classes=2, **fields):
+  """A generic image-list dataset of `images` {relative path: array}, all in train and test."""
+  lines = "".join(f"{path} {k % num_classes}\n" for k, path in enumerate(images))
+  for path, array in images.items():
+    write_image(root / path, array, "PNG" if path.endswith(".png.JPEG") else "JPEG")
+  (root / "train.txt").write_text(lines)
+  (root / "test.txt").write_text(lines)
+  return config(root, name="image_list", num_classes=num_classes, train_list="train.txt",
+                test_list="test.txt", **fields)
+
+
+def test_random_resized_crop_and_flip_statistics(tmp_path):
+  # Red encodes x and green y (ramps), so each output gives back its crop
+  # window and whether it was flipped.
+  width, height = 200, 150
+  y, x = np.mgrid[0:height, 0:width]
+  ramp = np.stack([x * 255 / (width - 1), y * 255 / (height - 1), np.zeros_like(x)], -1)
+  cfg = image_list_set(tmp_path, {f"r{k}.JPEG": ramp.astype(np.uint8) for k in range(8)},
+                       image_size=32)
+  data = pipeline.load_streaming_dataset(cfg)
+  images = np.concatenate([b["image"] for b in take(data.train_batches(
+      seed=0, start_step=0, global_batch=8, main_log_class_probs=None,
+      partner_log_class_probs=None), 30)]).astype(np.float64)
+  red, green = images[:, 16, :, 0], images[:, :, 16, 1]
+  shrink = 1 - 1 / 32  # Output pixel centres span 31/32 of the crop.
+  crop_w = (red.max(1) - red.min(1)) / 255 * (width - 1) / shrink
+  crop_h = (green.max(1) - green.min(1)) / 255 * (height - 1) / shrink
+  area, ratio = crop_w * crop_h / (width * height), crop_w / crop_h
+  assert area.min() > 0.08 * 0.85 and area.max() < 1.05
+  assert ratio.min() > 0.75 * 0.9 and ratio.max() < 4 / 3 * 1.1
+  assert 0.3 < area.mean() < 0.7 and area.min() < 0.2  # The whole range is used.
+  flipped = red[:, -1] < red[:, 0]
+  assert stats.binomtest(int(flipped.sum()), len(flipped)).pvalue > 1e-3
+
+
+def test_eval_resizes_the_shorter_side_and_centre_crops(tmp_path):
+  # 64 x 48 (W x H) black with a white 16 x 16 square in the centre and a red
+  # border 4 px wide: shorter side 48 -> round(24 / 0.875) = 27, width
+  # int(64 * 27 / 48) = 36; the centre 24 x 24 keeps the square (16 * 27/48 =
+  # 9 px wide, in the middle) and loses the left/right borders.
+  image = np.zeros((48, 64, 3), np.uint8)
+  image[16:32, 24:40] = 255
+  image[:, :4, 0] = image[:, -4:, 0] = 255
+  cfg = image_list_set(tmp_path, {"a.JPEG": image, "b.png.JPEG": image})
+  data = pipeline.load_streaming_dataset(cfg)
+  batch = next(data.eval_batches(global_batch=2))
+  for out in batch["image"]:  # A JPEG and a PNG named .JPEG, as in ImageNet.
+    assert out.shape == (SIZE, SIZE, 3)
+    assert out[12, 12].min() > 200  # Centre: the white square.
+    assert out[12, 12 - 7].max() < 60 and out[12, 12 + 7].max() < 60  # Square is ~9 px.
+    assert out[12, 0, 0] < 60 and out[12, -1, 0] < 60  # Red borders cropped away.
+
+
+# ---------------------------------------------------------------------------
+# Errors name the file.
+# ---------------------------------------------------------------------------
+
+def small_set(tmp_path):
+  rng = np.random.default_rng(0)
+  images = {f"c{k % 2}/img{k}.JPEG": rng.integers(0, 255, (20, 30, 3), dtype=np.uint8)
+            for k in range(6)}
+  return image_list_set(tmp_path, images)
+
+
+def test_missing_image_in_a_large_list_stops_at_read_time(tmp_path, monkeypatch):
+  cfg = small_set(tmp_path)
+  monkeypatch.setattr(lists, "EXISTENCE_CHECK_MAX_LINES", 0)  # Treat every list as large.
+  data = pipeline.load_streaming_dataset(cfg)
+  os.remove(tmp_path / "c1" / "img3.JPEG")
+  with pytest.raises(MissingDataError) as error:
+    take(data.train_batches(seed=0, start_step=0, global_batch=6, main_log_class_probs=None,
+                            partner_log_class_probs=None), 1)
+  message = str(error.value)
+  assert "train.txt line 4" in message and str(tmp_path / "c1" / "img3.JPEG") in message
+  assert "\n" not in message
+
+
+def test_missing_image_in_a_small_list_stops_at_load(tmp_path):
+  cfg = small_set(tmp_path)
+  os.remove(tmp_path / "c0" / "img2.JPEG")
+  with pytest.raises(MissingDataError, match=r"train.txt line 3 .*img2.JPEG does not exist"):
+    pipeline.load_streaming_dataset(cfg)
+
+
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_undecodable_jpeg_names_the_file(tmp_path, split):
+  cfg = small_set(tmp_path)
+  bad = tmp_path / "c0" / "img4.JPEG"
+  bad.write_bytes(bad.read_bytes()[:120])  # A JPEG cut short: header, no image data.
+  data = pipeline.load_streaming_dataset(cfg)
+  with pytest.raises(DataError) as error:
+    if split == "train":
+      take(data.train_batches(seed=0, start_step=0, global_batch=6,
+                              main_log_class_probs=None, partner_log_class_probs=None), 1)
+    else:
+      list(data.eval_batches(global_batch=4))
+  message = str(error.value)
+  assert f"cannot decode image {bad}" in message and "line 5" in message
+  assert "\n" not in message and "{{" not in message
+
+
+def test_batch_and_seed_errors(dataset):
+  with pytest.raises(ConfigError, match="multiple of the 3 processes"):
+    dataset.train_batches(seed=0, start_step=0, global_batch=16, main_log_class_probs=None,
+                          partner_log_class_probs=None, process_count=3)
+  with pytest.raises(ConfigError, match="must be in"):
+    dataset.train_batches(seed=0, start_step=0, global_batch=10_000,
+                          main_log_class_probs=None, partner_log_class_probs=None)
+  with pytest.raises(ConfigError, match="seed and step must be >= 0"):
+    dataset.train_batches(seed=-1, start_step=0, global_batch=16, main_log_class_probs=None,
+                          partner_log_class_probs=None)
+  with pytest.raises(MissingDataError, match="list file missing.txt not found"):
+    pipeline.load_streaming_dataset(
+        config(dataset.splits["test"].image_list.path.parent, name="image_list",
+               num_classes=12, train_list="ImageNet_LT_train.txt",
+               test_list="ImageNet_LT_test.txt", val_list="missing.txt")).eval_split("val")
+
+
+# ---------------------------------------------------------------------------
+# TFDS and TensorFlow-free imports.
+# ---------------------------------------------------------------------------
+
+def test_tfds_source_reads_the_same_images(fake_root, dataset, tmp_path, monkeypatch):
+  tfds = pytest.importorskip("tensorflow_datasets")
+  features = tfds.builder("imagenet2012").info.features
+  records = collections.defaultdict(list)
+  for name in ("ImageNet_LT_train.txt", "ImageNet_LT_val.txt", "ImageNet_LT_test.txt"):
+    for line in (fake_root / name).read_text().splitlines():
+      path, label = line.split()
+      split = "train" if path.startswith("train/") else "validation"
+      records[split].append(features.serialize_example({
+          "image": io.BytesIO((fake_root / path).read_bytes()), "label": int(label),
+          "file_name": path.rsplit("/", 1)[1]}))
+  for split in records:  # TFDS stores records in its own order.
+    records[split] = [records[split][k] for k in
+                      np.random.default_rng(0).permutation(len(records[split]))]
+
+  def as_data_source(self, split, decoders=None, deserialize_method=None):
+    del self, decoders, deserialize_method
+    return records[split]
+
+  # The fake set has 12 classes: let imagenet_lt's lists have 12 for this test.
+  monkeypatch.setitem(lists.LAYOUTS, "imagenet_lt", dataclasses.replace(
+      lists.LAYOUTS["imagenet_lt"], num_classes=12))
+  with tfds.testing.mock_data(as_data_source_fn=as_data_source):
+    from_tfds = pipeline.load_streaming_dataset(config(
+        fake_root, name="imagenet_lt", num_classes=12, source="tfds", image_root="",
+        cache_dir=str(tmp_path)))
+  assert from_tfds.identity["tfds_name"] == "imagenet2012"
+  kwargs = dict(seed=0, start_step=0, global_batch=16, main_log_class_probs=None,
+                partner_log_class_probs=None)
+  a = next(from_tfds.train_batches(**kwargs))
+  b = next(dataset.train_batches(**kwargs))
+  np.testing.assert_array_equal(a["image"], b["image"])
+  np.testing.assert_array_equal(a["label"], b["label"])
+  np.testing.assert_array_equal(next(from_tfds.eval_batches(global_batch=16))["image"],
+                                next(dataset.eval_batches(global_batch=16))["image"])
+
+
+def test_imports_and_list_loading_need_no_tensorflow(fake_root):
+  code = f"""
+import sys
+class Block:
+  def find_spec(self, name, path=None, target=None):
+    if name.split('.')[0] in ('tensorflow', 'tensorflow_datasets'):
+      raise ImportError('no ' + name)
+sys.meta_path.insert(0, Block())
+import ml_collections
+import lt_calib.data, lt_calib.data.sources, lt_calib.data.lists, lt_calib.data.fake
+from lt_calib.data import pipeline
+from lt_calib.errors import MissingDependencyError
+data = pipeline.load_streaming_dataset(ml_collections.ConfigDict(dict(
+    name='image_list', num_classes=12, image_root={str(fake_root)!r},
+    split_dir={str(fake_root)!r}, train_list='ImageNet_LT_train.txt',
+    test_list='ImageNet_LT_test.txt', image_size=8)))
+try:
+  data.eval_batches(global_batch=4)
+except MissingDependencyError as e:
+  print('needs tf:', e)
+assert not [m for m in sys.modules if m.startswith('tensorflow')]
+print('ok', len(data.train_labels))
+"""
+  result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
+                          text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+  assert result.returncode == 0, result.stderr
+  assert "needs tf: the streaming input pipeline" in result.stdout
+  assert "ok " in result.stdout
