@@ -5,13 +5,12 @@ counts, pi^tau by hand, a permutation covers each row once), never read back
 from the pipeline. Datasets are a few dozen small generated JPEGs.
 """
 
-import collections
-import dataclasses
 import io
 import os
 import pathlib
 import subprocess
 import sys
+import tarfile
 
 import ml_collections
 import numpy as np
@@ -350,41 +349,104 @@ def test_batch_and_seed_errors(dataset):
 # TFDS and TensorFlow-free imports.
 # ---------------------------------------------------------------------------
 
-def test_tfds_source_reads_the_same_images(fake_root, dataset, tmp_path, monkeypatch):
+def same_batches(a, b, num_classes):
+  """Asserts that two StreamingDatasets give the same train and eval batches."""
+  kwargs = dict(seed=0, start_step=0, global_batch=8, main_log_class_probs=None,
+                partner_log_class_probs=np.zeros(num_classes))
+  for x, y in ((next(a.train_batches(**kwargs)), next(b.train_batches(**kwargs))),
+               (next(a.eval_batches(global_batch=8)), next(b.eval_batches(global_batch=8)))):
+    assert x.keys() == y.keys()
+    for key in x:
+      np.testing.assert_array_equal(x[key], y[key])
+
+
+def add_to_tar(archive, name, data):
+  info = tarfile.TarInfo(name)
+  info.size = len(data)
+  archive.addfile(info, io.BytesIO(data))
+
+
+def test_tfds_imagenet2012_array_record_end_to_end(tmp_path):
+  # The real imagenet2012 builder on a tiny manual download (train tar of class
+  # tars, val tar), in ArrayRecord format; the lists then read it by index.
   tfds = pytest.importorskip("tensorflow_datasets")
-  features = tfds.builder("imagenet2012").info.features
-  records = collections.defaultdict(list)
-  for name in ("ImageNet_LT_train.txt", "ImageNet_LT_val.txt", "ImageNet_LT_test.txt"):
-    for line in (fake_root / name).read_text().splitlines():
-      path, label = line.split()
-      split = "train" if path.startswith("train/") else "validation"
-      records[split].append(features.serialize_example({
-          "image": io.BytesIO((fake_root / path).read_bytes()), "label": int(label),
-          "file_name": path.rsplit("/", 1)[1]}))
-  for split in records:  # TFDS stores records in its own order.
-    records[split] = [records[split][k] for k in
-                      np.random.default_rng(0).permutation(len(records[split]))]
+  meta = pathlib.Path(tfds.__file__).parent / "datasets" / "imagenet2012"
+  wnids = (meta / "labels.txt").read_text().split()
+  val_wnids = (meta / "validation_labels.txt").read_text().split()
+  root, manual = tmp_path / "images", tmp_path / "manual"
+  manual.mkdir()
+  rng = np.random.default_rng(0)
+  train_lines, test_lines = [], []
+
+  def image(path):
+    array = rng.integers(0, 255, (30, 40, 3), dtype=np.uint8)
+    write_image(root / path, array)
+    return (root / path).read_bytes()
+
+  with tarfile.open(manual / "ILSVRC2012_img_train.tar", "w") as train_tar:
+    for c in range(4):
+      inner = io.BytesIO()
+      with tarfile.open(fileobj=inner, mode="w") as class_tar:
+        for k in range(6 - c):
+          name = f"{wnids[c]}_{k}.JPEG"
+          add_to_tar(class_tar, name, image(f"train/{wnids[c]}/{name}"))
+          train_lines.append(f"train/{wnids[c]}/{name} {c}")
+      add_to_tar(train_tar, f"{wnids[c]}.tar", inner.getvalue())
+  # TFDS pairs the sorted names of the val tar with validation_labels.txt, so
+  # the first names carry the real labels of ILSVRC2012_val_00000001, ...
+  with tarfile.open(manual / "ILSVRC2012_img_val.tar", "w") as val_tar:
+    for i in range(6):
+      label, name = wnids.index(val_wnids[i]), f"ILSVRC2012_val_{i + 1:08d}.JPEG"
+      add_to_tar(val_tar, name, image(f"val/{val_wnids[i]}/{name}"))
+      test_lines.append(f"val/{val_wnids[i]}/{name} {label}")
+  (root / "ImageNet_LT_train.txt").write_text("\n".join(train_lines[::-1]) + "\n")
+  (root / "ImageNet_LT_test.txt").write_text("\n".join(test_lines) + "\n")
+  builder = tfds.builder("imagenet2012", data_dir=str(tmp_path / "tfds"),
+                         file_format="array_record")
+  builder.download_and_prepare(
+      download_config=tfds.download.DownloadConfig(manual_dir=str(manual)))
+  # 1000 classes, most without images here: a pseudo-count keeps log pi finite.
+  common = dict(num_classes=1000, zero_count_smoothing=1.0, cache_dir=str(tmp_path / "c"))
+  from_tfds = pipeline.load_streaming_dataset(config(
+      root, source="tfds", image_root="", tfds_data_dir=str(tmp_path / "tfds"), **common))
+  assert from_tfds.identity["tfds_name"] == "imagenet2012"
+  assert from_tfds.source.startswith("tfds:imagenet2012:")
+  same_batches(from_tfds, pipeline.load_streaming_dataset(config(root, **common)), 1000)
+  # A list entry without a record names its line.
+  (root / "ImageNet_LT_test.txt").write_text(
+      test_lines[0] + "\nval/x/ILSVRC2012_val_00049999.JPEG 3\n")
+  with pytest.raises(MissingDataError, match=r"ImageNet_LT_test.txt line 2 .*no record"):
+    pipeline.load_streaming_dataset(config(
+        root, source="tfds", image_root="", tfds_data_dir=str(tmp_path / "tfds"), **common))
+
+
+def test_tfds_inat2018_matches_ids_by_list_role(tmp_path):
+  # iNaturalist's TFDS 'id' is the file name without '.jpg'; the train list
+  # lives in TFDS 'train' and the val list in 'validation', whatever the path.
+  tfds = pytest.importorskip("tensorflow_datasets")
+  root = tmp_path / "inat"
+  fake.build(root, num_classes=5, image_size="24x20", max_per_class=6, min_per_class=2,
+             test_per_class=2, layout="inat2018")
+  features = tfds.builder("i_naturalist2018").info.features
+  records = {}
+  for split, name in (("train", "iNaturalist18_train.txt"),
+                      ("validation", "iNaturalist18_val.txt")):
+    lines = (root / name).read_text().splitlines()[::-1]  # TFDS has its own order.
+    records[split] = [features.serialize_example({
+        "id": path.rsplit("/", 1)[1][:-len(".jpg")], "label": int(label),
+        "image": io.BytesIO((root / path).read_bytes()), "supercategory": 0})
+                      for path, label in (line.split() for line in lines)]
 
   def as_data_source(self, split, decoders=None, deserialize_method=None):
     del self, decoders, deserialize_method
     return records[split]
 
-  # The fake set has 12 classes: let imagenet_lt's lists have 12 for this test.
-  monkeypatch.setitem(lists.LAYOUTS, "imagenet_lt", dataclasses.replace(
-      lists.LAYOUTS["imagenet_lt"], num_classes=12))
+  common = dict(name="inat2018", num_classes=8142, zero_count_smoothing=1.0)
   with tfds.testing.mock_data(as_data_source_fn=as_data_source):
     from_tfds = pipeline.load_streaming_dataset(config(
-        fake_root, name="imagenet_lt", num_classes=12, source="tfds", image_root="",
-        cache_dir=str(tmp_path)))
-  assert from_tfds.identity["tfds_name"] == "imagenet2012"
-  kwargs = dict(seed=0, start_step=0, global_batch=16, main_log_class_probs=None,
-                partner_log_class_probs=None)
-  a = next(from_tfds.train_batches(**kwargs))
-  b = next(dataset.train_batches(**kwargs))
-  np.testing.assert_array_equal(a["image"], b["image"])
-  np.testing.assert_array_equal(a["label"], b["label"])
-  np.testing.assert_array_equal(next(from_tfds.eval_batches(global_batch=16))["image"],
-                                next(dataset.eval_batches(global_batch=16))["image"])
+        root, source="tfds", image_root="", cache_dir=str(tmp_path / "c"), **common))
+  assert from_tfds.identity["tfds_name"] == "i_naturalist2018"
+  same_batches(from_tfds, pipeline.load_streaming_dataset(config(root, **common)), 8142)
 
 
 def test_imports_and_list_loading_need_no_tensorflow(fake_root):
