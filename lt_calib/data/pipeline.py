@@ -618,6 +618,30 @@ def _file_readers(cfg, files, train_list, eval_lists):
   return FileReader(train_list, root), readers, f"lists:{files.split_dir} images:{root}"
 
 
+def _load_lists(files: lists.ListFiles, smoothing: float):
+  """(train list, {split: eval list}, {split: message} of absent optional lists)."""
+  train_list = lists.load_list(files.train, files.layout, files.num_classes)
+  if smoothing == 0:
+    lists.check_no_empty_class(train_list, files.num_classes)
+  eval_lists, missing = {}, {}
+  for split, path in files.evals.items():
+    if split == "test" or path.is_file():  # Only the test list is required.
+      eval_lists[split] = lists.load_list(path, files.layout, files.num_classes)
+    else:
+      missing[split] = lists.missing_list_message(path, files.layout)
+  return train_list, eval_lists, missing
+
+
+def _eval_splits(eval_lists, readers, num_classes: int, test_subset: int) -> dict:
+  """_Split per evaluation list; test_subset keeps the first k/C test images per class."""
+  splits = {}
+  for split, image_list in eval_lists.items():
+    rows = (sources.test_indices(image_list.labels, num_classes, test_subset)
+            if split == "test" else np.arange(len(image_list)))
+    splits[split] = _Split(image_list, readers[split], rows.astype(np.int64))
+  return splits
+
+
 def load_streaming_dataset(cfg) -> StreamingDataset:
   """Parses and checks the lists of `cfg` and prepares their readers.
 
@@ -642,16 +666,7 @@ def load_streaming_dataset(cfg) -> StreamingDataset:
   if image_size <= 0:
     raise ConfigError(f"dataset.image_size must be > 0, got {image_size}.")
   smoothing = float(cfg.get("zero_count_smoothing", 0.0))
-  train_list = lists.load_list(files.train, files.layout, num_classes)
-  if smoothing == 0:
-    lists.check_no_empty_class(train_list, num_classes)
-  eval_lists, missing = {}, {}
-  for split, path in files.evals.items():
-    if split == "test" or path.is_file():
-      eval_lists[split] = lists.load_list(path, files.layout, num_classes)
-    else:
-      missing[split] = lists.missing_list_message(path, files.layout)
-
+  train_list, eval_lists, missing = _load_lists(files, smoothing)
   source_name = cfg.get("source", "auto")
   if source_name == "tfds":
     from lt_calib.data import tfds_source  # pylint: disable=g-import-not-at-top
@@ -663,12 +678,7 @@ def load_streaming_dataset(cfg) -> StreamingDataset:
   else:
     raise ConfigError(f"dataset.source={source_name!r} is unknown; allowed: {sources.SOURCES}.")
 
-  subset = int(cfg.get("test_subset", 0) or 0)
-  splits = {}
-  for split, image_list in eval_lists.items():
-    rows = (sources.test_indices(image_list.labels, num_classes, subset) if split == "test"
-            else np.arange(len(image_list)))
-    splits[split] = _Split(image_list, readers[split], rows.astype(np.int64))
+  splits = _eval_splits(eval_lists, readers, num_classes, int(cfg.get("test_subset", 0) or 0))
   identity = {**tfds_identity}
   for split, image_list in [("train", train_list), *eval_lists.items()]:
     identity[f"{split}_list"] = image_list.path.name
