@@ -13,8 +13,9 @@ the paper's small-scale protocol (App. C.1), as for CIFAR-100-LT:
 | augmentation | pad 8 + random 64 px crop + flip, on the device | CIFAR's pad-4-of-32 scaled to 64 px (our choice) |
 | rho | 10 (`''` / `:rho10`) or 100 (`:rho100`) | the two ratios the paper reports for calibration (Table 2) |
 
-Variant `:smoke`: ResNet-10 width 8, 2 epochs of batch 512, 1,000 test
-images; a CPU end-to-end check.
+Variant `:smoke`: ResNet-10 width 8 on the rho = 100 split (21,549 images),
+2 epochs of batch 512 (84 steps), 1,000 test images, one step per dispatch;
+a CPU end-to-end check (300-500 images/s on 2 shared cores, ~2-3 min).
 """
 
 from configs import common
@@ -32,6 +33,10 @@ def get_config(arg: str = ""):
   config.dataset.crop_padding = 8
   config.model.update(dict(name="resnet_imagenet", depth=18, width=64, dtype="float32"))
   if arg == "smoke":
+    config.dataset.imbalance_ratio = 100.0  # The smaller split: 42 steps an epoch.
+    # Measured on 2 CPU cores at 64 px: 30 images/s with multi-step dispatch
+    # (steps_per_dispatch=0), ~500 with one step per dispatch.
+    config.steps_per_dispatch = 1
     config.model.depth, config.model.width = 10, 8
     config.batch_size, config.num_epochs = 512, 2
     config.mix.stop_epoch = 1
