@@ -17,6 +17,7 @@ EXTRAS = {
     # TFDS source (CIFAR-100, ImageNet, iNaturalist with a network) and the
     # TensorBoard writer of clu; accelerator hosts may run without them.
     "tfds": ["tensorflow-cpu>=2.16", "tensorflow-datasets>=4.9", "clu>=0.0.12",
+             "importlib_resources",  # TFDS 4.9.10 imports it without requiring it.
              "tensorboard>=2.16"],
     # Plots, SVM experiment and reports.
     "analysis": ["matplotlib>=3.8", "scikit-learn>=1.4", "scipy>=1.11"],

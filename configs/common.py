@@ -8,6 +8,8 @@ default to the values of its own paper.
 import ml_collections
 from ml_collections import config_dict
 
+from lt_calib.errors import ConfigError
+
 
 def paper_config(dataset: str, num_classes: int, tau: float) -> ml_collections.ConfigDict:
   """ResNet-32, 200 epochs, UniMix (alpha 0.5) + Bayias, rho = 100."""
@@ -43,6 +45,9 @@ def paper_config(dataset: str, num_classes: int, tau: float) -> ml_collections.C
       # (Appendix C.1), 1.0 for mixup and Remix, 2.0 for manifold mixup.
       alpha=config_dict.placeholder(float),
       tau=tau,                 # Eq. 9; Fig. 4: -1 on CIFAR-10-LT, 0 on CIFAR-100-LT.
+      # Units of tau (mixing.partner_exponent): 'prior', partner class ∝ pi^tau
+      # (Eq. 9's text); 'counts', ∝ n^(1 + tau) (the official code's n^tau weights).
+      tau_units="prior",
       pairing="sampler",       # 'sampler' (Eq. 9, R*) or 'in_batch' (official code).
       # Algorithm 1's T1. Appendix C.1: mixup-style methods are fine-tuned
       # without mixing after epoch 120 (the official code never stops).
@@ -78,38 +83,151 @@ def paper_config(dataset: str, num_classes: int, tau: float) -> ml_collections.C
   config.checkpoint_every_epochs = 10
   config.keep_checkpoints = 3
   config.log_every_steps = 100
+  # Most steps per compiled dispatch (lax.fori_loop over the step) for data
+  # held on the device: 1 = one jitted step per dispatch (the step loop);
+  # 0 = the faster for the backend: up to the next log line or epoch end on
+  # GPU/TPU, the step loop on CPU (train.steps_per_dispatch says why).
+  config.steps_per_dispatch = 0
   config.calibration_bins = 15
   config.tensorboard = True    # TensorBoard events through clu (imports TensorFlow).
   return config
 
 
+# The official code's UniMix tau per dataset (config/cifar10_*.py: -0.5,
+# config/cifar100_*.py: -0.1), in its own units: batch member k is drawn as a
+# partner with weight n_{y_k} ** tau (core.py, unimix_sampler).
+OFFICIAL_TAU = {"cifar10": -0.5, "cifar100": -0.1}
+
+# The official code's learning rate (utils.py, adjust_learning_rate): 0.1 e / 5
+# for epochs e = 1..5 (a per-epoch staircase, not a per-step ramp), 0.1 up to
+# epoch 160, then x0.01 and x0.0001. As factors of the base rate from epoch
+# boundaries (0-based), with no separate warm-up: the same values epoch by epoch.
+OFFICIAL_SCHEDULE = (
+    ("optim.warmup_epochs", 0),
+    ("optim.decay_epochs", (0, 1, 2, 3, 4, 160, 180)),
+    ("optim.decay_factors", (0.2, 0.4, 0.6, 0.8, 1.0, 0.01, 0.0001)),
+)
+
+
+def official_overrides(dataset: str, num_epochs: int) -> tuple:
+  """The official code's UniMix recipe as (dotted field, value) pairs.
+
+  What differs from the paper-text default (docs/choices.md, "The official
+  code's recipe, line by line"): in-batch partners weighted n^tau (tau in
+  count units), alpha 0.8, mixing never stopped, batch 64. The learning-rate
+  staircase (OFFICIAL_SCHEDULE) is left out: it only exists at 200 epochs, and
+  budget variants replace the schedule.
+
+  Args:
+    dataset: 'cifar10' or 'cifar100' (sets tau).
+    num_epochs: the run's length; mixing stops there, i.e. never.
+
+  Returns:
+    tuple of (dotted field, value).
+  """
+  if dataset not in OFFICIAL_TAU:
+    raise ConfigError(f"dataset.name={dataset!r} has no official-code recipe; "
+                      f"allowed: {sorted(OFFICIAL_TAU)}.")
+  return (("mix.name", "unimix"), ("mix.pairing", "in_batch"), ("mix.alpha", 0.8),
+          ("mix.tau", OFFICIAL_TAU[dataset]), ("mix.tau_units", "counts"),
+          ("mix.stop_epoch", num_epochs), ("batch_size", 64))
+
+
+def set_fields(config: ml_collections.ConfigDict, overrides) -> ml_collections.ConfigDict:
+  """Sets each (dotted field, value) of `overrides` on `config`, in place."""
+  for dotted, value in overrides:
+    *parents, leaf = dotted.split(".")
+    node = config
+    for name in parents:
+      node = node[name]
+    if leaf not in node:
+      raise ConfigError(f"config has no field {dotted!r}; check the override's name.")
+    node[leaf] = value
+  return config
+
+
+def _official(config: ml_collections.ConfigDict) -> None:
+  # The whole recipe of config/cifar{10,100}_100.py as it runs: UniMix +
+  # Bayias (the defaults already), the staircase warm-up, and a test
+  # evaluation every epoch (train.py evaluates after each epoch and reports the
+  # best; the summary's best_epoch_top1 is that figure).
+  set_fields(config, official_overrides(config.dataset.name, config.num_epochs))
+  set_fields(config, OFFICIAL_SCHEDULE)
+  config.loss.name = "bayias"
+  config.eval_every_epochs = 1
+
+
+def _never_stops(config: ml_collections.ConfigDict) -> bool:
+  return config.mix.stop_epoch >= config.num_epochs
+
+
+def _smoke(config: ml_collections.ConfigDict) -> None:
+  # Tiny ResNet-8 (width 8), 2 epochs of batch 512 = 48 steps, mixing on
+  # for the first epoch only (or throughout, for a recipe that never stops),
+  # 1,000 test images: a CPU end-to-end check.
+  never = _never_stops(config)
+  config.model.depth, config.model.width = 8, 8
+  config.batch_size, config.num_epochs = 512, 2
+  config.mix.stop_epoch = config.num_epochs if never else 1
+  config.loss.drw_epoch = 1
+  config.optim.warmup_epochs = 1
+  config.optim.decay_epochs, config.optim.decay_factors = (), ()
+  config.dataset.test_subset = 1000
+  config.eval_every_epochs = config.checkpoint_every_epochs = 1
+  config.log_every_steps = 8
+  config.tensorboard = False
+
+
+def _quick(config: ml_collections.ConfigDict) -> None:
+  # ResNet-32 for 6 epochs: the paper's schedule compressed (warm-up 1,
+  # mixing stops after 4 unless the recipe never stops, decays at 4 and 5),
+  # for CPU comparisons.
+  never = _never_stops(config)
+  config.num_epochs = 6
+  config.mix.stop_epoch = config.num_epochs if never else 4
+  config.loss.drw_epoch = 4  # At the first decay, as DRW's 160 of 200.
+  config.optim.warmup_epochs = 1
+  config.optim.decay_epochs, config.optim.decay_factors = (4, 5), (0.01, 0.0001)
+  config.eval_every_epochs = config.checkpoint_every_epochs = 2
+  config.log_every_steps = 24
+
+
+# Recipe variants change what is trained; budget variants shrink it. Recipes
+# are applied first whatever the order in `arg`, so that a budget replaces the
+# recipe's 200-epoch schedule instead of the other way round.
+RECIPE_VARIANTS = {"official": _official}
+BUDGET_VARIANTS = {"smoke": _smoke, "quick": _quick}
+
+
 def apply_variant(config: ml_collections.ConfigDict, arg: str) -> ml_collections.ConfigDict:
-  """Shrinks the config for `arg` in {'', 'smoke', 'quick'}."""
-  if arg in ("", None):
-    return config
-  if arg == "smoke":
-    # Tiny ResNet-8 (width 8), 2 epochs of batch 512 = 48 steps, mixing on
-    # for the first epoch only, 1,000 test images: a CPU end-to-end check.
-    config.model.depth, config.model.width = 8, 8
-    config.batch_size, config.num_epochs = 512, 2
-    config.mix.stop_epoch = 1
-    config.loss.drw_epoch = 1
-    config.optim.warmup_epochs = 1
-    config.optim.decay_epochs, config.optim.decay_factors = (), ()
-    config.dataset.test_subset = 1000
-    config.eval_every_epochs = config.checkpoint_every_epochs = 1
-    config.log_every_steps = 8
-    config.tensorboard = False
-    return config
-  if arg == "quick":
-    # ResNet-32 for 6 epochs: the paper's schedule compressed (warm-up 1,
-    # mixing stops after 4, decays at 4 and 5), for CPU comparisons.
-    config.num_epochs = 6
-    config.mix.stop_epoch = 4
-    config.loss.drw_epoch = 4  # At the first decay, as DRW's 160 of 200.
-    config.optim.warmup_epochs = 1
-    config.optim.decay_epochs = (4, 5)
-    config.eval_every_epochs = config.checkpoint_every_epochs = 2
-    config.log_every_steps = 24
-    return config
-  raise ValueError(f"unknown config variant {arg!r}; allowed: '', 'smoke', 'quick'.")
+  """Applies `arg`, comma-separated variants, e.g. 'official,quick'.
+
+  '' keeps the paper-text protocol; 'official' is the official code's recipe;
+  'smoke' and 'quick' (at most one of them) shrink the budget.
+
+  Args:
+    config: the paper_config ConfigDict, changed in place.
+    arg: the part of `--config=file.py:arg` after the colon.
+
+  Returns:
+    `config`.
+
+  Raises:
+    ConfigError: an unknown variant, or two budget variants.
+  """
+  names = [name.strip() for name in (arg or "").split(",") if name.strip()]
+  allowed = sorted(RECIPE_VARIANTS) + sorted(BUDGET_VARIANTS)
+  unknown = [name for name in names if name not in allowed]
+  if unknown:
+    raise ConfigError(f"unknown config variant(s) {unknown}; allowed: {allowed}, "
+                      "comma-separated (e.g. 'official,quick'), or '' for the paper text.")
+  budgets = [name for name in names if name in BUDGET_VARIANTS]
+  if len(budgets) > 1:
+    raise ConfigError(f"config variants {budgets} are both budgets; keep one of "
+                      f"{sorted(BUDGET_VARIANTS)}.")
+  for name in names:
+    if name in RECIPE_VARIANTS:
+      RECIPE_VARIANTS[name](config)
+  for name in budgets:
+    BUDGET_VARIANTS[name](config)
+  return config

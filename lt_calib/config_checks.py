@@ -74,7 +74,7 @@ def _check_dataset(ds) -> None:
   _check_int("dataset.crop_padding", ds.get("crop_padding", 0), 0)
 
 
-def _check_mix(mix) -> None:
+def _check_mix(mix, num_stages: int) -> None:
   mixing.get_method(mix.name)
   if mix.alpha is not None:
     _check_number("mix.alpha", mix.alpha, lambda v: v > 0,
@@ -86,9 +86,9 @@ def _check_mix(mix) -> None:
   _check_number("mix.stop_epoch", mix.stop_epoch, lambda v: v >= 0, ">= 0")
   _check_number("mix.remix_kappa", mix.remix_kappa, lambda v: v >= 1, ">= 1")
   _check_number("mix.remix_tau", mix.remix_tau, lambda v: 0 <= v <= 1, "in [0, 1]")
-  layers = tuple(mix.manifold_layers)
-  _require(len(layers) > 0 and all(k in (0, 1, 2, 3) for k in layers),
-           f"mix.manifold_layers must be a non-empty subset of (0, 1, 2, 3) "
+  layers, allowed = tuple(mix.manifold_layers), tuple(range(num_stages + 1))
+  _require(len(layers) > 0 and all(k in allowed for k in layers),
+           f"mix.manifold_layers must be a non-empty subset of {allowed} "
            f"(0 = input, k = after stage k), got {layers}.")
 
 
@@ -156,7 +156,8 @@ def check_config(config, num_devices: int = 1) -> None:
     num_devices: devices the global batch is split over.
   """
   _check_dataset(config.dataset)
-  _check_mix(config.mix)
+  # CIFAR ResNets have 3 stages, ImageNet ResNets 4 (manifold mixup's layers).
+  _check_mix(config.mix, 4 if config.model.name == "resnet_imagenet" else 3)
   sampling.get_batch_sampler_tau(config.sampler.name)
   _check_model(config)
   _check_int("num_epochs", config.num_epochs, 1)

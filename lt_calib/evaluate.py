@@ -16,13 +16,12 @@ with several rho' the Table D2-style label_shift.md / label_shift.csv: rows
 log pi_ref, `posthoc.reference_log_prior`) for this run and each of
 --compare_runs, and, per rho' given in --bayias_runs, the raw
 logits of a model trained with Bayias against that rho' prior
-(`--config.loss.test_prior=$(python -c "from lt_calib import posthoc;
+(`--config.loss.test_prior=$(python -c "from lt_calib.calibration import posthoc;
 print(posthoc.test_prior_spec(RHO, C))")`).
 """
 
 import csv
 import dataclasses
-import functools
 import json
 import logging
 import pathlib
@@ -34,9 +33,11 @@ import jax
 from jax.sharding import NamedSharding, PartitionSpec as P
 import ml_collections
 import numpy as np
-import orbax.checkpoint as ocp
 
-from lt_calib import datasets, losses, metrics, models, posthoc, report, train
+from lt_calib import cli, losses, models, train
+from lt_calib.calibration import metrics, posthoc, report
+from lt_calib.data import sources
+from lt_calib.errors import MissingDataError
 
 FLAGS = flags.FLAGS
 
@@ -65,7 +66,7 @@ def define_flags():
 class Run:
   """A restored run: its config, data, checkpoint step and a logits function."""
   config: ml_collections.ConfigDict
-  dataset: datasets.Dataset
+  dataset: sources.Dataset
   step: int
   logits_fn: Callable[[np.ndarray], np.ndarray]
   test_logits: np.ndarray
@@ -84,30 +85,34 @@ def load_run(workdir, checkpoint: Optional[int] = None, test_subset: int = 0) ->
   """
   workdir = pathlib.Path(workdir)
   if not (workdir / "config.json").is_file():
-    raise FileNotFoundError(f"{workdir / 'config.json'} not found: --workdir must be "
+    raise MissingDataError(f"{workdir / 'config.json'} not found: --workdir must be "
                             "the folder of a training run.")
   config = ml_collections.ConfigDict(json.loads((workdir / "config.json").read_text()))
   config.dataset.test_subset = test_subset
-  dataset = datasets.load_dataset(config.dataset)
+  dataset = sources.load_dataset(config.dataset)
   model = models.create_model(config.model, dataset.info.num_classes)
-  tx, _ = train.make_optimizer(config, len(dataset.train_labels) // config.batch_size)
-  replicated = NamedSharding(train.make_mesh(), P())
-  state = jax.device_put(train.create_train_state(
+  tx, _ = steps.make_optimizer(config, len(dataset.train_labels) // config.batch_size)
+  mesh = train.make_mesh()
+  replicated = NamedSharding(mesh, P())
+  state = jax.device_put(steps.create_train_state(
       jax.random.key(0), model, dataset.train_images.shape[1:], tx), replicated)
-  manager = ocp.CheckpointManager((workdir / "checkpoints").resolve(),
-                                  options=ocp.CheckpointManagerOptions(read_only=True))
+  manager = checkpointing.make_manager(workdir, max_to_keep=1, read_only=True)
   step = manager.latest_step() if checkpoint is None else checkpoint
   if step is None or step not in manager.all_steps():
-    raise FileNotFoundError(f"checkpoint {step} not in {workdir / 'checkpoints'}; "
-                            f"available: {list(manager.all_steps())}.")
-  state = manager.restore(step, args=ocp.args.StandardRestore(state))
+    raise MissingDataError(f"checkpoint {step} not in {workdir / 'checkpoints'}; "
+                           f"available: {list(manager.all_steps())}.")
+  state = checkpointing.restore(manager, step, state)
   manager.close()
-  eval_fn = jax.jit(functools.partial(train.eval_step, mean=dataset.info.mean,
-                                      std=dataset.info.std), out_shardings=replicated)
+  mean, std = dataset.info.mean, dataset.info.std
+  eval_fn = jax.jit(lambda state, images, index: (
+      steps.eval_step(state, images, mean, std), index), out_shardings=replicated)
+  rows = feeding.process_rows(mesh, config.eval_batch_size)
 
   def logits_fn(images):
-    return train.evaluate(eval_fn, state, images, None, config.eval_batch_size,
-                          replicated)[0]
+    batches = feeding.in_memory_eval_batches(
+        images, np.zeros(len(images), np.int32), config.eval_batch_size, rows)
+    return feeding.gather_logits(eval_fn, state, batches, len(images), mesh,
+                                 config.eval_batch_size)
 
   return Run(config, dataset, int(step), logits_fn, logits_fn(dataset.test_images))
 
@@ -222,7 +227,7 @@ def evaluate_workdir(workdir, checkpoint=None, test_rhos=(1.0,), val_per_class=5
   temperature = None
   if val_per_class > 0:
     try:
-      images, val_labels = datasets.load_validation_split(config.dataset, val_per_class)
+      images, val_labels = sources.load_validation_split(config.dataset, val_per_class)
       temperature = report.temperature_section(
           run.logits_fn(images), val_labels, logits, labels[idx], counts,
           config.calibration_bins)
@@ -267,7 +272,7 @@ def evaluate_workdir(workdir, checkpoint=None, test_rhos=(1.0,), val_per_class=5
     result["label_shift"] = rows
   summary = report.write_report(out, logits, labels[idx], counts, config.calibration_bins,
                                 title, extra, temperature,
-                                datasets.load_class_names(config.dataset),
+                                sources.load_class_names(config.dataset),
                                 extra_columns=columns)
   result["summary"] = summary
   if columns:
@@ -295,4 +300,4 @@ def main(argv):
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  cli.run(main)

@@ -30,7 +30,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from lt_calib import long_tail
+from lt_calib.data import long_tail
+from lt_calib.errors import ConfigError
 
 BaseLossFn = Callable[[jax.Array, jax.Array], jax.Array]
 LossFn = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
@@ -96,14 +97,21 @@ def parse_test_prior(spec: str, num_classes: int) -> np.ndarray:
   """
   if spec in ("", "uniform"):
     return np.full(num_classes, 1.0 / num_classes)
+  if not isinstance(spec, str):
+    raise ConfigError(f"loss.test_prior={spec!r}: expected 'uniform' or "
+                      f"{num_classes} comma-separated numbers.")
   try:
     weights = np.array([float(w) for w in spec.split(",")])
   except ValueError as e:
-    raise ValueError(f"loss.test_prior={spec!r}: expected 'uniform' or "
-                     f"{num_classes} comma-separated numbers.") from e
-  if weights.shape != (num_classes,) or np.any(weights <= 0) or not np.all(np.isfinite(weights)):
-    raise ValueError(f"loss.test_prior needs {num_classes} positive finite "
-                     f"weights, got {weights.size}: {spec!r}.")
+    raise ConfigError(f"loss.test_prior={spec!r}: expected 'uniform' or "
+                      f"{num_classes} comma-separated numbers.") from e
+  if weights.shape != (num_classes,):
+    raise ConfigError(f"loss.test_prior needs {num_classes} positive finite weights "
+                      f"(one per class), got {weights.size}: {spec!r}.")
+  if not np.all(np.isfinite(weights) & (weights > 0)):
+    bad = weights[~(np.isfinite(weights) & (weights > 0))].tolist()
+    raise ConfigError(f"loss.test_prior needs {num_classes} positive finite weights, "
+                      f"but {spec!r} has {bad}.")
   return weights / weights.sum()
 
 
@@ -169,7 +177,7 @@ def make_class_balanced(cfg, prior, logit_scale) -> BaseLossFn:
   """
   del logit_scale
   if cfg.base not in FOCAL_BASES:
-    raise ValueError(f"loss.base={cfg.base!r} is unknown; allowed: {FOCAL_BASES}.")
+    raise ConfigError(f"loss.base={cfg.base!r} is unknown; allowed: {FOCAL_BASES}.")
   base = cross_entropy if cfg.base == "ce" else make_focal(cfg, prior, 1.0)
   weights = jnp.asarray(effective_number_weights(_counts(prior), cfg.cb_beta), jnp.float32)
   return lambda logits, labels: weights[labels] * base(logits, labels)
@@ -227,11 +235,11 @@ def make_loss(cfg, prior: long_tail.ClassPrior, steps_per_epoch: int = 1,
     step, so DRW switches on without recompiling.
   """
   if cfg.name not in LOSSES:
-    raise ValueError(f"loss.name={cfg.name!r} is unknown; allowed: {sorted(LOSSES)}.")
+    raise ConfigError(f"loss.name={cfg.name!r} is unknown; allowed: {sorted(LOSSES)}.")
   base = LOSSES[cfg.name](cfg, prior, logit_scale)
   schedule = cfg.get("schedule", "none")
   if schedule not in SCHEDULES:
-    raise ValueError(f"loss.schedule={schedule!r} is unknown; allowed: {SCHEDULES}.")
+    raise ConfigError(f"loss.schedule={schedule!r} is unknown; allowed: {SCHEDULES}.")
   if schedule == "none":
     return lambda logits, labels, step: base(logits, labels)
   # DRW (Cao et al. 2019, Sec. 3.3): plain loss until drw_epoch, then the

@@ -2,33 +2,60 @@
 
 Every config field can be overridden on the command line, e.g.
 `--config.loss.name=ce --config.mix.name=none`. Variants come after a colon:
-`--config=configs/cifar10_lt.py:smoke`.
+`--config=configs/cifar10_lt.py:smoke`. Several processes (hosts) join one
+run with `--coordinator_address=HOST:PORT --num_processes=N --process_id=I`,
+or `--distributed=auto` on a Cloud TPU pod slice (see launch/README.md).
 """
 
 import os
+import sys
 
 from absl import app
 from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from lt_calib import cli
+
 FLAGS = flags.FLAGS
-flags.DEFINE_string("workdir", None, "Output directory; an existing run there is resumed.")
+flags.DEFINE_string("workdir", None, "Output directory (local or gs://); an existing "
+                    "run there is resumed.")
 config_flags.DEFINE_config_file("config", None, "Experiment config file[:variant].",
                                 lock_config=True)
+flags.DEFINE_enum("distributed", "auto", ["auto", "on", "off"],
+                  "Start JAX's multi-process runtime: 'auto' when the flags below "
+                  "are given or a multi-host cluster (TPU pod, Slurm) is detected.")
+flags.DEFINE_string("coordinator_address", None, "HOST:PORT of process 0.")
+flags.DEFINE_integer("num_processes", None, "Processes in the run.")
+flags.DEFINE_integer("process_id", None, "This process's rank, 0..num_processes-1.")
+flags.DEFINE_bool("allow_config_change", False, "Resume a workdir whose saved "
+                  "config differs from this one (recorded in summary.json).")
+flags.DEFINE_integer("stop_at_step", None, "Checkpoint and stop at this global "
+                     "step, as on preemption; the same command resumes.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  # TensorFlow is imported only by the TFDS source and the TensorBoard
-  # writer; keep its C++ logging quiet when it is.
+  cli.check_workdir(FLAGS.workdir)  # Before JAX loads: a bad path fails at once.
+  if not FLAGS["verbosity"].present:
+    # Library INFO lines (Orbax, JAX) stay out of the console unless asked
+    # for with --verbosity=0 (INFO) or higher.
+    logging.set_verbosity(logging.WARNING)
+  # TensorFlow (TFDS, tf.data, TensorBoard) is imported only by some sources
+  # and writers; keep its C++ start-up notices off the console when it is.
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-  from lt_calib import train  # pylint: disable=g-import-not-at-top
-  logging.info("config:\n%s", FLAGS.config)
-  train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  # Imported here so that --help and flag errors answer before JAX loads.
+  from lt_calib import distributed, train  # pylint: disable=g-import-not-at-top
+  distributed.initialize(FLAGS.distributed, FLAGS.coordinator_address,
+                         FLAGS.num_processes, FLAGS.process_id)
+  result = train.train_and_evaluate(FLAGS.config, FLAGS.workdir,
+                                    allow_config_change=FLAGS.allow_config_change,
+                                    stop_at_step=FLAGS.stop_at_step)
+  if result.get("reason") == "preempted":
+    sys.exit(train.PREEMPTED_EXIT_STATUS)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

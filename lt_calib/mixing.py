@@ -25,6 +25,8 @@ from typing import Callable, Dict, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from lt_calib.errors import ConfigError
+
 FactorFn = Callable[[jax.Array, jax.Array, jax.Array, float], jax.Array]
 
 
@@ -148,7 +150,7 @@ MIX_METHODS: Dict[str, MixMethod | None] = {
 def get_method(name: str) -> MixMethod | None:
   """Looks up `mix.name`, listing the allowed names if unknown."""
   if name not in MIX_METHODS:
-    raise ValueError(f"mix.name={name!r} is unknown; allowed: {sorted(MIX_METHODS)}.")
+    raise ConfigError(f"mix.name={name!r} is unknown; allowed: {sorted(MIX_METHODS)}.")
   return MIX_METHODS[name]
 
 
@@ -158,6 +160,36 @@ def resolve_alpha(mix_cfg) -> float:
   if mix_cfg.get("alpha") is not None:
     return float(mix_cfg.alpha)
   return 1.0 if method is None else method.alpha
+
+
+TAU_UNITS = ("prior", "counts")
+
+
+def partner_exponent(mix_cfg) -> float:
+  """e such that a partner's class c is drawn with probability ∝ pi_c ** e.
+
+  `mix.tau` is read in `mix.tau_units`:
+  - 'prior' (the paper's Eq. 9): P_inv(c) ∝ pi_c ** tau, so e = tau
+    (tau = -1 gives the rarest class the most partners);
+  - 'counts' (the official code): batch members weighted by n ** tau, and the
+    batch already follows pi, so the partner class follows n ** (1 + tau):
+    e = 1 + tau (tau = -1 is class-balanced, tau = 0 is plain mixup).
+  Methods with a fixed partner law (mixup's random partners) ignore `tau`.
+
+  Args:
+    mix_cfg: `config.mix` (name, tau, tau_units).
+
+  Returns:
+    The exponent e, for R* (`sampling.class_level_log_probs(prior, e)`) and
+    for in-batch pairing (member weight n ** (e - 1)).
+  """
+  method = get_method(mix_cfg.name)
+  if method is not None and method.partner_tau is not None:
+    return float(method.partner_tau)
+  units = mix_cfg.get("tau_units", "prior")
+  if units not in TAU_UNITS:
+    raise ConfigError(f"mix.tau_units={units!r} is unknown; allowed: {TAU_UNITS}.")
+  return float(mix_cfg.tau) + (1.0 if units == "counts" else 0.0)
 
 
 def mix_images(images_i: jax.Array, images_j: jax.Array, xi: jax.Array) -> jax.Array:

@@ -1,378 +1,62 @@
 """Training and evaluation loop: Algorithm 1 (UniMix + Bayias), data-parallel.
 
-Layout of one step (compiled once, over global arrays sharded on the mesh's
-'data' axis; the in-memory training set is replicated on every device):
-
-  key_t = fold_in(key, t)             one key per global step
-  batch = prepare_batch(data, t, ..)  R and R* (or in-batch) indices, gather,
-                                      crop/flip/normalise -- on the device
-  state = train_step(state, batch, key_t)
-                                      xi ~ mix factor, x~ = xi x_i + (1-xi) x_j,
-                                      Eq. 11 with the chosen loss, SGD update
+The step (lt_calib/steps.py) is compiled once over global arrays sharded on
+the mesh's 'data' axis, on every device of every process. In-memory datasets
+live on the devices and are sampled there; by default a whole stretch of
+steps (up to the next log line or epoch end) runs as one compiled
+`lax.fori_loop`, so the host dispatches once per stretch instead of once per
+step. Streamed datasets (tf.data) are fed one global batch per step, each
+process its own rows.
 
 BatchNorm statistics are over the global batch, because the mean inside the
 jitted step is a mean over the whole (sharded) batch axis.
+
+Randomness: one `jax.random.key(seed)` gives the initial parameters, the
+sampler's per-epoch permutations and a root folded with the global step for
+everything else, so a resumed run draws the same numbers as one that never
+stopped; the streamed index sequence is a function of (seed, step) too.
 """
 
+import dataclasses
 import functools
-import json
-import logging
-import pathlib
+import os
 import time
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple
 
-import flax
-from flax.training import train_state
+from etils import epath
 import jax
 import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec as P
 import ml_collections
 import numpy as np
-import optax
-import orbax.checkpoint as ocp
 
-from lt_calib import (augment, config_checks, datasets, losses, metrics, mixing,
-                      models, report, reporting, sampling)
+from lt_calib import (checkpointing, config_checks, distributed, feeding, losses, models,
+                      reporting, run_record, steps)
+from lt_calib import data as data_lib
+from lt_calib.calibration import metrics, report
+from lt_calib.errors import UserError, WorkdirError
 
-
-class TrainState(train_state.TrainState):
-  batch_stats: Any
-
-
-@flax.struct.dataclass
-class StepConfig:
-  """Everything the step needs besides state, batch and key (static/arrays).
-
-  The method choices (mixing, label rule, samplers) are static, so each run
-  compiles one step; what changes over training (mixing stop, DRW) is decided
-  from the traced step inside it.
-  """
-  num_examples: int = flax.struct.field(pytree_node=False)
-  batch_size: int = flax.struct.field(pytree_node=False)
-  steps_per_epoch: int = flax.struct.field(pytree_node=False)
-  padding: int = flax.struct.field(pytree_node=False)
-  mean: tuple = flax.struct.field(pytree_node=False)
-  std: tuple = flax.struct.field(pytree_node=False)
-  mix_factor: str | None = flax.struct.field(pytree_node=False)
-  pairing: str = flax.struct.field(pytree_node=False)
-  in_batch_tau: float = flax.struct.field(pytree_node=False)
-  alpha: float = flax.struct.field(pytree_node=False)
-  mix_stop_step: int = flax.struct.field(pytree_node=False)
-  label_rule: str = flax.struct.field(pytree_node=False)      # mixing.LABEL_RULES
-  mix_space: str = flax.struct.field(pytree_node=False)       # 'input' | 'hidden'
-  remix_kappa: float = flax.struct.field(pytree_node=False)
-  remix_tau: float = flax.struct.field(pytree_node=False)
-  manifold_layers: tuple = flax.struct.field(pytree_node=False)
-  prior: jax.Array = None             # [C] pi
-  log_counts: jax.Array = None        # [C] log n_c
-  log_class_probs: jax.Array = None   # [C] log P_inv (Eq. 9) of the partner sampler
-  class_index: sampling.ClassIndex = None
-  # [C] log class probabilities of a class-level main-batch sampler
-  # (sampler.name != 'random'); None keeps the epoch permutation R.
-  batch_log_class_probs: jax.Array | None = None
+# Exit status of a run stopped by SIGTERM (128 + 15, as a shell reports it).
+PREEMPTED_EXIT_STATUS = 143
 
 
-def make_step_config(config, dataset: datasets.Dataset) -> StepConfig:
-  """Resolves the config and the train prior into a StepConfig.
-
-  Args:
-    config: experiment config (mix, sampler, dataset.crop_padding, batch_size).
-    dataset: loaded Dataset (its prior feeds samplers and mixing).
-
-  Returns:
-    StepConfig.
-  """
-  method = mixing.get_method(config.mix.name)
-  tau = config.mix.tau if method is None or method.partner_tau is None else method.partner_tau
-  in_batch_tau = float(tau)
-  if method is not None and method.partner_tau is not None:
-    # A fixed tau is R*'s (1 = random partners). In-batch candidates already
-    # follow pi, so the same partner law there is n^(tau - 1): uniform.
-    in_batch_tau = method.partner_tau - 1.0
-  prior = dataset.prior
-  num_examples = len(dataset.train_labels)
-  if num_examples < config.batch_size:
-    raise ValueError(f"batch_size={config.batch_size} exceeds the {num_examples} "
-                     "training images.")
-  steps_per_epoch = num_examples // config.batch_size
-  sampler_tau = sampling.get_batch_sampler_tau(config.sampler.name)
-  return StepConfig(
-      num_examples=num_examples, batch_size=config.batch_size,
-      steps_per_epoch=steps_per_epoch, padding=config.dataset.crop_padding,
-      mean=dataset.info.mean, std=dataset.info.std,
-      mix_factor=None if method is None else method.factor,
-      pairing=config.mix.pairing, in_batch_tau=in_batch_tau,
-      alpha=mixing.resolve_alpha(config.mix),
-      mix_stop_step=int(config.mix.stop_epoch * steps_per_epoch),
-      label_rule="factor" if method is None else method.label_rule,
-      mix_space="input" if method is None else method.space,
-      remix_kappa=float(config.mix.remix_kappa), remix_tau=float(config.mix.remix_tau),
-      manifold_layers=tuple(int(k) for k in config.mix.manifold_layers),
-      prior=jnp.asarray(prior.prior, jnp.float32),
-      log_counts=jnp.asarray(np.log(np.maximum(prior.counts, 1)), jnp.float32),
-      log_class_probs=jnp.asarray(sampling.class_level_log_probs(prior.prior, tau),
-                                  jnp.float32),
-      class_index=sampling.class_index(dataset.train_labels, len(prior.counts)),
-      batch_log_class_probs=None if sampler_tau is None else jnp.asarray(
-          sampling.class_level_log_probs(prior.prior, sampler_tau), jnp.float32))
-
-
-def make_optimizer(config, steps_per_epoch: int):
-  """SGD with momentum, L2 weight decay on all parameters, warm-up + steps.
-
-  Weight decay is added to the gradient before momentum, as torch.optim.SGD
-  does. The learning rate rises linearly over `warmup_epochs` (per step), then
-  is multiplied by each `decay_factors[k]` from epoch `decay_epochs[k]` on
-  (factors relative to the base rate: 0.01 then 0.0001 in the paper).
-
-  Returns:
-    (optax transformation, schedule fn of the step).
-  """
-  opt = config.optim
-  warmup = int(opt.warmup_epochs * steps_per_epoch)
-  boundaries, previous = {}, 1.0
-  for epoch, factor in zip(opt.decay_epochs, opt.decay_factors):
-    boundaries[int(epoch * steps_per_epoch) - warmup] = factor / previous
-    previous = factor
-  constant = optax.piecewise_constant_schedule(opt.learning_rate, boundaries)
-  if warmup > 0:
-    # Starts at base/warmup so the first step already learns, as the
-    # reference code's epoch-wise lr = base * epoch / 5 does.
-    ramp = optax.linear_schedule(opt.learning_rate / warmup, opt.learning_rate, warmup)
-    schedule = optax.join_schedules([ramp, constant], [warmup])
-  else:
-    schedule = constant
-  tx = optax.chain(
-      optax.add_decayed_weights(opt.weight_decay),
-      optax.sgd(schedule, momentum=opt.momentum, nesterov=opt.nesterov))
-  return tx, schedule
-
-
-def create_train_state(key, model, image_shape, tx) -> TrainState:
-  """Initialises parameters and BatchNorm statistics."""
-  variables = jax.jit(functools.partial(model.init, train=False))(
-      key, jnp.zeros((1,) + tuple(image_shape), jnp.float32))
-  return TrainState.create(apply_fn=model.apply, params=variables["params"],
-                           batch_stats=variables["batch_stats"], tx=tx)
-
-
-def prepare_batch(train_images, train_labels, step, key, data_key,
-                  cfg: StepConfig) -> dict:
-  """Samples (R or a re-sampler, and partners) and augments one global batch.
-
-  Args:
-    train_images: uint8 [N, H, W, 3], replicated on every device.
-    train_labels: int32 [N].
-    step: global step (traced).
-    key: the step's key (partners, augmentation, class-level main sampler).
-    data_key: the run's sampler key; R's permutation of each epoch is drawn
-      from it and the epoch number alone, so it is the same for every step
-      of the epoch and after a resume.
-    cfg: StepConfig.
-
-  Returns:
-    dict with 'image', 'label' (the main batch), 'partner_label', and
-    'partner_image' (input mixing) or 'partner_position' (positions in the
-    batch, manifold mixup).
-  """
-  partner_key, aug_key, partner_aug_key = jax.random.split(key, 3)
-  if cfg.batch_log_class_probs is None:
-    index = sampling.epoch_permutation_slice(
-        data_key, step, cfg.num_examples, cfg.batch_size, cfg.steps_per_epoch)
-  else:
-    # A fourth key beside the split, so the default sampler's stream is kept.
-    index = sampling.class_level_sample(jax.random.fold_in(key, 3), cfg.class_index,
-                                        cfg.batch_log_class_probs, cfg.batch_size)
-  labels = train_labels[index]
-  images = augment.random_crop_flip(aug_key, train_images[index], cfg.padding)
-  batch = {"image": augment.normalize(images, cfg.mean, cfg.std), "label": labels}
-  if cfg.mix_factor is None:
-    batch["partner_image"], batch["partner_label"] = batch["image"], labels
-  elif cfg.mix_space == "hidden":
-    # Manifold mixup: the partner's hidden state must come from the same
-    # forward pass, so partners are a random permutation of the batch.
-    position = jax.random.permutation(partner_key, cfg.batch_size).astype(jnp.int32)
-    batch["partner_position"], batch["partner_label"] = position, labels[position]
-  elif cfg.pairing == "in_batch":
-    # Partners are (already augmented) members of the batch, as in the
-    # official code.
-    position = sampling.in_batch_partners(partner_key, labels, cfg.log_counts,
-                                          cfg.in_batch_tau)
-    batch["partner_image"] = batch["image"][position]
-    batch["partner_label"] = labels[position]
-  else:
-    partner = sampling.class_level_sample(partner_key, cfg.class_index,
-                                          cfg.log_class_probs, cfg.batch_size)
-    partner_images = augment.random_crop_flip(
-        partner_aug_key, train_images[partner], cfg.padding)
-    batch["partner_image"] = augment.normalize(partner_images, cfg.mean, cfg.std)
-    batch["partner_label"] = train_labels[partner]
-  return batch
-
-
-def train_step(state: TrainState, batch: dict, key: jax.Array, cfg: StepConfig,
-               loss_fn) -> tuple:
-  """One SGD step on a (possibly mixed) batch: Algorithm 1, lines 5-8 / 12-13.
-
-  Args:
-    state: TrainState (params, batch_stats, optimizer state, step).
-    batch: output of `prepare_batch`.
-    key: the step's key (mixing factor; manifold mixup's layer).
-    cfg: StepConfig.
-    loss_fn: per-example loss (logits, labels, step) -> [B] (`losses.make_loss`).
-
-  Returns:
-    (new state, dict of scalar metrics).
-  """
-  labels_i, labels_j = batch["label"], batch["partner_label"]
-  prior_i, prior_j = cfg.prior[labels_i], cfg.prior[labels_j]
-  if cfg.mix_factor is None:
-    xi = jnp.ones(labels_i.shape, jnp.float32)
-  else:
-    factor = mixing.FACTORS[cfg.mix_factor](key, prior_i, prior_j, cfg.alpha)
-    # After T1 (mix.stop_epoch) xi = 1 turns the step into plain training on
-    # the R batch without recompiling (Algorithm 1, lines 10-13).
-    xi = jnp.where(state.step < cfg.mix_stop_step, factor, 1.0)
-  label_weight = mixing.LABEL_RULES[cfg.label_rule](xi, prior_i, prior_j,
-                                                    cfg.remix_kappa, cfg.remix_tau)
-  model_kwargs = {}
-  if cfg.mix_factor is None:
-    images = batch["image"]  # No mixing: skip the 1 x + 0 x pass.
-  elif cfg.mix_space == "hidden":
-    images = batch["image"]
-    layer = jax.random.choice(jax.random.fold_in(key, 1),
-                              jnp.asarray(cfg.manifold_layers, jnp.int32))
-    model_kwargs["mix"] = mixing.HiddenMix(batch["partner_position"], xi, layer)
-  else:
-    images = mixing.mix_images(batch["image"], batch["partner_image"], xi)
-
-  def per_label_loss(logits, labels):
-    return loss_fn(logits, labels, state.step)
-
-  def loss_of(params):
-    logits, updates = state.apply_fn(
-        {"params": params, "batch_stats": state.batch_stats}, images, train=True,
-        mutable=["batch_stats"], **model_kwargs)
-    if cfg.mix_factor is None:  # One loss term, not 1 L(y) + 0 L(y).
-      per_example = per_label_loss(logits, labels_i)
-    else:
-      per_example = mixing.mixed_loss(per_label_loss, logits, labels_i, labels_j,
-                                      label_weight)
-    return jnp.mean(per_example), updates["batch_stats"]
-
-  (loss, batch_stats), grads = jax.value_and_grad(loss_of, has_aux=True)(state.params)
-  new_state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
-  stats = {"loss": loss, "grad_norm": optax.global_norm(grads),
-           "param_norm": optax.global_norm(state.params), "mean_xi": jnp.mean(xi),
-           "mean_label_weight": jnp.mean(label_weight)}
-  return new_state, stats
-
-
-def eval_step(state: TrainState, images: jax.Array, mean, std) -> jax.Array:
-  """Raw logits z of uint8 test images (no Bayias offset at test time)."""
-  return state.apply_fn({"params": state.params, "batch_stats": state.batch_stats},
-                        augment.normalize(images, mean, std), train=False)
-
-
-def evaluate(eval_fn, state, images, labels, batch_size, sharding) -> tuple:
-  """Logits of the whole test set, in fixed-size padded batches.
-
-  Padding keeps one compiled shape; padded rows are dropped before metrics,
-  so the counts are exact.
-  """
-  outputs = []
-  for start in range(0, len(images), batch_size):
-    chunk = images[start:start + batch_size]
-    padded = np.zeros((batch_size,) + chunk.shape[1:], chunk.dtype)
-    padded[:len(chunk)] = chunk
-    logits = eval_fn(state, jax.device_put(padded, sharding))
-    outputs.append(np.asarray(logits)[:len(chunk)])
-  return np.concatenate(outputs), labels
-
-
-class NonFiniteLossError(FloatingPointError):
-  """Raised when the training loss becomes NaN or infinite."""
-
-
-def _check_finite(history, last_checkpoint):
-  for step, stats in history:
-    if not np.isfinite(stats["loss"]):
-      raise NonFiniteLossError(
-          f"training loss is {stats['loss']} at step {step}; stopping. The last "
-          f"good checkpoint (step {last_checkpoint}) is kept in the workdir. Lower "
-          "optim.learning_rate or check the data and the loss settings.")
-
-
-def _checkpoint_manager(workdir: pathlib.Path, config) -> ocp.CheckpointManager:
-  options = ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints,
-                                         create=True)
-  return ocp.CheckpointManager((workdir / "checkpoints").resolve(), options=options)
-
-
-def _evaluate_and_record(eval_fn, state, dataset, config, sharding, epoch, step):
-  logits, labels = evaluate(eval_fn, state, dataset.test_images, dataset.test_labels,
-                            config.eval_batch_size, sharding)
-  record = metrics.summarize(logits, labels, dataset.prior.counts,
-                             num_bins=config.calibration_bins)
-  record.update(epoch=epoch, step=step)
-  return record, logits
+class NonFiniteLossError(UserError, FloatingPointError):
+  """The training loss became NaN or infinite."""
 
 
 class Setup(NamedTuple):
-  """A run's compiled functions, initial state and device-resident data."""
-  update: Any      # (state, *arrays) -> (state, stats), jitted, state donated.
-  eval_fn: Any     # (state, uint8 images) -> logits, jitted.
-  state: TrainState
-  arrays: tuple    # (train_images, train_labels, step_cfg, run_keys) on the devices.
-  step_cfg: StepConfig
-
-
-def build(config, dataset: datasets.Dataset, mesh) -> Setup:
-  """Builds the model, optimizer, initial state and the compiled step.
-
-  Args:
-    config: experiment config.
-    dataset: loaded Dataset (its prior feeds sampler, mixing and loss).
-    mesh: device mesh with a 'data' axis.
-
-  Returns:
-    Setup.
-  """
-  replicated, data_sharded = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
-  step_cfg = make_step_config(config, dataset)
-  loss_fn = losses.make_loss(config.loss, dataset.prior, step_cfg.steps_per_epoch,
-                             models.logit_scale(config.model))
-  tx, schedule = make_optimizer(config, step_cfg.steps_per_epoch)
-  model = models.create_model(config.model, dataset.info.num_classes)
-  # One key for the run: init, the sampler's epoch permutations, and a root
-  # folded with the global step, so a resumed run draws the same numbers.
-  # They enter the step as an argument, not as constants, so runs that differ
-  # only in the seed compile to the same program (and share a compilation
-  # cache entry).
-  run_keys = jax.random.split(jax.random.key(config.seed), 3)
-  state = create_train_state(run_keys[0], model, dataset.train_images.shape[1:], tx)
-
-  @functools.partial(jax.jit, donate_argnums=(0,), out_shardings=(replicated, replicated))
-  def update(state, train_images, train_labels, step_cfg, run_keys):
-    data_key, step_root = run_keys[1], run_keys[2]
-    step_key = jax.random.fold_in(step_root, state.step)
-    batch_key, mix_key = jax.random.split(step_key)
-    batch = prepare_batch(train_images, train_labels, state.step, batch_key,
-                          data_key, step_cfg)
-    batch = jax.lax.with_sharding_constraint(batch, data_sharded)
-    new_state, stats = train_step(state, batch, mix_key, step_cfg, loss_fn)
-    stats["learning_rate"] = schedule(state.step)
-    return new_state, stats
-
-  eval_fn = jax.jit(functools.partial(eval_step, mean=dataset.info.mean,
-                                      std=dataset.info.std), out_shardings=replicated)
-  arrays = jax.device_put(
-      (dataset.train_images, dataset.train_labels, step_cfg, run_keys), replicated)
-  return Setup(update, eval_fn, jax.device_put(state, replicated), arrays, step_cfg)
+  """A run's compiled functions, initial state and device-resident inputs."""
+  update: Callable   # One step: (state, *arrays) or (state, batch, *arrays).
+  run_chunk: Callable | None  # In memory: (state, num_steps, *arrays) -> (state, stats[max]).
+  eval_fn: Callable  # (state, uint8 images, index) -> (logits, index), replicated.
+  state: Any
+  arrays: tuple      # In memory: (images, labels, step_cfg, run_keys); else (step_cfg, run_keys).
+  step_cfg: steps.StepConfig
+  streaming: bool
 
 
 def make_mesh() -> jax.sharding.Mesh:
-  """A 1-D mesh over every device, axis 'data'.
+  """A 1-D mesh over every device of every process, axis 'data'.
 
   Auto axis type: the compiler propagates the data sharding from the batch
   constraint (explicit-sharding mode would make every op spell it out).
@@ -381,111 +65,450 @@ def make_mesh() -> jax.sharding.Mesh:
                        axis_types=(jax.sharding.AxisType.Auto,))
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Trains, evaluates and checkpoints; resumes from `workdir` if possible.
+def chunk_runner(one_step: Callable, max_steps: int) -> Callable:
+  """`num_steps` (traced, <= max_steps) applications of `one_step` in one program.
 
   Args:
-    config: experiment config (see configs/).
-    workdir: output directory: checkpoints/, metrics.jsonl, summary.json,
-      config.json and TensorBoard events.
+    one_step: (state, *args) -> (state, dict of scalar statistics).
+    max_steps: static size of the per-step statistics buffer.
 
   Returns:
-    The summary dict written to summary.json.
+    (state, num_steps, *args) -> (state, statistics [max_steps, ...]); rows
+    past `num_steps` are zeros. The loop body is the same program whatever
+    `num_steps` is, so how a run is cut into chunks never changes its numbers.
   """
-  wall_start = time.time()
-  workdir = pathlib.Path(workdir)
-  workdir.mkdir(parents=True, exist_ok=True)
-  mesh = make_mesh()
+
+  def run(state, num_steps, *args):
+    stats_shape = jax.eval_shape(one_step, state, *args)[1]
+    buffer = jax.tree.map(lambda s: jnp.zeros((max_steps,) + s.shape, s.dtype),
+                          stats_shape)
+
+    def body(i, carry):
+      state, buffer = carry
+      state, stats = one_step(state, *args)
+      return state, jax.tree.map(lambda b, s: b.at[i].set(s), buffer, stats)
+
+    return jax.lax.fori_loop(0, num_steps, body, (state, buffer))
+
+  return run
+
+
+def make_one_step(loss_fn, schedule, mesh, streaming: bool) -> Callable:
+  """The un-jitted global step: batch preparation, `steps.train_step`, lr.
+
+  In memory: (state, images, labels, step_cfg, run_keys); streamed:
+  (state, batch, step_cfg, run_keys) with `batch` the uint8 global batch.
+  """
+  data_sharded = NamedSharding(mesh, P("data"))
+
+  def finish(state, batch, mix_key, step_cfg):
+    batch = jax.lax.with_sharding_constraint(batch, data_sharded)
+    new_state, stats = steps.train_step(state, batch, mix_key, step_cfg, loss_fn)
+    stats["learning_rate"] = schedule(state.step)
+    return new_state, stats
+
+  if streaming:
+    def one_step(state, batch, step_cfg, run_keys):
+      batch_key, mix_key = jax.random.split(jax.random.fold_in(run_keys[2], state.step))
+      return finish(state, steps.streamed_batch(batch, batch_key, step_cfg), mix_key,
+                    step_cfg)
+    return one_step
+
+  def one_step(state, train_images, train_labels, step_cfg, run_keys):
+    data_key, step_root = run_keys[1], run_keys[2]
+    batch_key, mix_key = jax.random.split(jax.random.fold_in(step_root, state.step))
+    batch = steps.prepare_batch(train_images, train_labels, state.step, batch_key,
+                                data_key, step_cfg)
+    return finish(state, batch, mix_key, step_cfg)
+  return one_step
+
+
+def steps_per_dispatch(config, steps_per_epoch: int) -> int:
+  """Most steps one dispatch runs (`config.steps_per_dispatch`).
+
+  1 is the step loop (one jitted step per dispatch); more runs
+  `chunk_runner`'s compiled loop, whose buffer this sizes. 0 picks what is
+  faster on the backend: an epoch on accelerators, the step loop on CPUs,
+  where XLA (jaxlib 0.10) leaves the weight-gradient convolutions inside a
+  while loop in a layout its fast convolution kernels do not take and runs
+  them ~15x slower (measured: 16 vs 250 images/s, docs/benchmarks.md).
+  """
+  requested = int(config.get("steps_per_dispatch", 0))
+  if requested <= 0:
+    return 1 if jax.default_backend() == "cpu" else steps_per_epoch
+  return min(requested, steps_per_epoch)
+
+
+def build(config, dataset, mesh) -> Setup:
+  """Builds the model, optimizer, initial state and the compiled functions.
+
+  Args:
+    config: experiment config.
+    dataset: `sources.Dataset` (in memory) or `pipeline.StreamingDataset`.
+    mesh: device mesh with a 'data' axis.
+
+  Returns:
+    Setup.
+  """
   replicated = NamedSharding(mesh, P())
+  streaming = not hasattr(dataset, "train_images")
+  step_cfg = steps.make_step_config(config, dataset)
+  loss_fn = losses.make_loss(config.loss, dataset.prior, step_cfg.steps_per_epoch,
+                             models.logit_scale(config.model))
+  tx, schedule = steps.make_optimizer(config, step_cfg.steps_per_epoch)
+  model = models.create_model(config.model, dataset.info.num_classes)
+  # One key for the run: init, the sampler's epoch permutations, and a root
+  # folded with the global step. They enter the step as an argument, not as
+  # constants, so runs that differ only in the seed compile to one program.
+  run_keys = jax.random.split(jax.random.key(config.seed), 3)
+  size = dataset.info.image_size
+  image_shape = (size, size, 3) if streaming else dataset.train_images.shape[1:]
+  state = steps.create_train_state(run_keys[0], model, image_shape, tx)
+  one_step = make_one_step(loss_fn, schedule, mesh, streaming)
+  jit = functools.partial(jax.jit, donate_argnums=(0,),
+                          out_shardings=(replicated, replicated))
+  update = jit(one_step)
+  max_steps = steps_per_dispatch(config, step_cfg.steps_per_epoch)
+  run_chunk = None if streaming or max_steps == 1 else jit(chunk_runner(one_step, max_steps))
+  mean, std = dataset.info.mean, dataset.info.std
+  eval_fn = jax.jit(lambda state, images, index: (
+      steps.eval_step(state, images, mean, std), index), out_shardings=replicated)
+  arrays = (step_cfg, run_keys) if streaming else (
+      dataset.train_images, dataset.train_labels, step_cfg, run_keys)
+  arrays = jax.device_put(arrays, replicated)
+  return Setup(update, run_chunk, eval_fn, jax.device_put(state, replicated), arrays,
+               step_cfg, streaming)
+
+
+@dataclasses.dataclass
+class Run:
+  """Everything the loop functions share for one training run."""
+  config: ml_collections.ConfigDict
+  workdir: Any                    # epath.Path
+  dataset: Any
+  setup: Setup
+  mesh: Any
+  manager: Any
+  console: reporting.Console
+  writer: Any
+  train_log: reporting.JsonLines
+  eval_log: reporting.JsonLines
+  state: Any
+  start_step: int
+  total_steps: int
+  last_checkpoint: int | None
+  record: dict = dataclasses.field(default_factory=dict)  # run.json (process 0).
+  wall_start: float = dataclasses.field(default_factory=time.time)
+  train_batches: Any = None       # Streamed: iterator of this process's rows.
+  evaluations: list = dataclasses.field(default_factory=list)
+  final_logits: np.ndarray | None = None
+
+  @property
+  def steps_per_epoch(self) -> int:
+    return self.setup.step_cfg.steps_per_epoch
+
+
+def advance(run: Run, num_steps: int) -> dict:
+  """Trains `num_steps` more steps; returns the per-step statistics [n, ...]."""
+  setup = run.setup
+  if setup.run_chunk is not None:
+    run.state, buffer = setup.run_chunk(run.state, jnp.int32(num_steps), *setup.arrays)
+    return {k: np.asarray(v)[:num_steps] for k, v in jax.device_get(buffer).items()}
+  history = []
+  for _ in range(num_steps):  # Dispatches run ahead; nothing blocks until the end.
+    if setup.streaming:
+      batch = feeding.to_global(next(run.train_batches), run.mesh, run.config.batch_size)
+      run.state, stats = setup.update(run.state, batch, *setup.arrays)
+    else:
+      run.state, stats = setup.update(run.state, *setup.arrays)
+    history.append(stats)
+  history = jax.device_get(history)
+  return {k: np.asarray([s[k] for s in history]) for k in history[0]}
+
+
+def next_boundary(done: int, run: Run, stop_at_step: int | None) -> int:
+  """The next step at which the host must look: log, epoch end, stop, end."""
+  log_every, spe = run.config.log_every_steps, run.steps_per_epoch
+  candidates = [(done // log_every + 1) * log_every, (done // spe + 1) * spe,
+                run.total_steps]
+  if stop_at_step is not None and stop_at_step > done:
+    candidates.append(stop_at_step)
+  return min(candidates)
+
+
+def check_finite(stats: dict, first_step: int, last_checkpoint) -> None:
+  """Raises NonFiniteLossError at the first step whose loss is not finite."""
+  bad = np.flatnonzero(~np.isfinite(stats["loss"].reshape(len(stats["loss"]), -1)).all(1))
+  if bad.size:
+    step = first_step + int(bad[0]) + 1
+    raise NonFiniteLossError(
+        f"training loss is not finite at step {step}; stopping. The last good "
+        f"checkpoint (step {last_checkpoint}) is kept in the workdir. Lower "
+        "optim.learning_rate or check the data and the loss settings.")
+
+
+def log_interval(run: Run, done: int, stats: dict) -> None:
+  """One progress line and one train_metrics.jsonl record at step `done`.
+
+  Statistics of K runs in one program (population.py) have a member axis:
+  the console shows their mean, the record keeps one value per member.
+  """
+  last = {k: np.asarray(v[-1]) for k, v in stats.items()}
+  means = {k: float(np.mean(v)) for k, v in last.items()}
+  speed = run.console.progress(done, (done - 1) // run.steps_per_epoch + 1, means)
+  record = {"step": done, "epoch": done / run.steps_per_epoch,
+            **{k: v.tolist() if v.ndim else float(v) for k, v in last.items()},
+            "images_per_second": speed["images_per_second"],
+            "elapsed_s": time.time() - run.wall_start}
+  run.train_log.append(record)
+  run.writer.write_scalars(done, {**means, "epoch": record["epoch"],
+                                  "images_per_second": speed["images_per_second"]})
+
+
+def evaluate(run: Run, epoch: int, step: int) -> dict:
+  """Test metrics of the current state; written by process 0."""
+  dataset, config = run.dataset, run.config
+  rows = feeding.process_rows(run.mesh, config.eval_batch_size)
+  if run.setup.streaming:
+    batches = dataset.eval_batches(global_batch=config.eval_batch_size,
+                                   process_index=jax.process_index(),
+                                   process_count=jax.process_count())
+  else:
+    batches = feeding.in_memory_eval_batches(dataset.test_images, dataset.test_labels,
+                                             config.eval_batch_size, rows)
+  logits = feeding.gather_logits(run.setup.eval_fn, run.state, batches,
+                                 len(dataset.test_labels), run.mesh,
+                                 config.eval_batch_size)
+  record = metrics.summarize(logits, dataset.test_labels, dataset.prior.counts,
+                             num_bins=config.calibration_bins)
+  record.update(epoch=epoch, step=step)
+  run.evaluations.append(record)
+  run.final_logits = logits
+  run.eval_log.append(record)
+  run.writer.write_scalars(step, {f"test/{k}": v for k, v in record.items()
+                                  if isinstance(v, float)})
+  run.console.line(f"eval epoch {epoch}: top-1 {100 * record['top1']:.2f} % "
+                   f"ECE {100 * record['ece']:.2f} % NLL {record['nll']:.4f}")
+  return record
+
+
+def save_checkpoint(run: Run, step: int) -> None:
+  if run.last_checkpoint != step:
+    checkpointing.save(run.manager, step, run.state)
+    run.last_checkpoint = step
+
+
+def train_loop(run: Run, stop_at_step: int | None, watcher, evaluate_fn=None) -> str:
+  """Trains to the end; returns 'finished', 'stop_at_step' or 'preempted'.
+
+  Args:
+    run: the prepared Run.
+    stop_at_step: checkpoint and stop at this step (None: never).
+    watcher: checkpointing.PreemptionWatcher (SIGTERM).
+    evaluate_fn: (run, epoch, step) -> None at each evaluation; `evaluate`
+      by default (population.py passes its per-member one).
+  """
+  evaluate_fn = evaluate_fn or evaluate
+  config, spe, done = run.config, run.steps_per_epoch, run.start_step
+  run.console.start()
+  while done < run.total_steps:
+    target = next_boundary(done, run, stop_at_step)
+    stats = advance(run, target - done)
+    check_finite(stats, done, run.last_checkpoint)
+    done = target
+    epoch_end = done % spe == 0 or done == run.total_steps
+    if done % config.log_every_steps == 0 or epoch_end:
+      log_interval(run, done, stats)
+    if epoch_end:
+      epoch = -(-done // spe)
+      if epoch % config.eval_every_epochs == 0 or done == run.total_steps:
+        evaluate_fn(run, epoch, done)
+      if epoch % config.checkpoint_every_epochs == 0 or done == run.total_steps:
+        save_checkpoint(run, done)
+    reason = ("stop_at_step" if done == stop_at_step else
+              "preempted" if watcher.reached(done, run.manager) else None)
+    if reason and done < run.total_steps:
+      save_checkpoint(run, done)
+      run.manager.wait_until_finished()
+      run.console.line(f"stopped at step {done} ({reason}); checkpoint saved in "
+                       f"{run.workdir / 'checkpoints'}; rerun the same command to resume.")
+      return reason
+  return "finished"
+
+
+def describe(run: Run) -> None:
+  """The console header: data, model, devices, steps, workdir (< 15 lines)."""
+  config, dataset = run.config, run.dataset
+  counts = dataset.prior.counts
+  params = sum(x.size for x in jax.tree.leaves(run.state.params))
+  print_line = run.console.line
+  print_line(f"data: {dataset.source}")
+  print_line(f"      {len(dataset.train_labels):,} train images in {len(counts)} classes "
+             f"({int(counts.max())} to {int(counts.min())} per class), "
+             f"{len(dataset.test_labels):,} test images")
+  print_line(f"model: {config.model.name} depth {config.model.depth} width "
+             f"{config.model.width} ({config.model.dtype}), {params:,} parameters; "
+             f"mix {config.mix.name}, loss {config.loss.name}")
+  print_line(f"devices: {jax.device_count()} x {jax.devices()[0].device_kind} in "
+             f"{jax.process_count()} process(es); global batch {config.batch_size}")
+  print_line(f"steps: {run.total_steps} ({config.num_epochs} epochs of "
+             f"{run.steps_per_epoch})" + (f", resuming at step {run.start_step}"
+                                           if run.start_step else ""))
+  print_line(f"workdir: {run.workdir} (metrics.jsonl, summary.json, report.md)")
+
+
+def open_workdir(workdir) -> epath.Path:
+  """The workdir as a path, created if needed (local folders checked first)."""
+  workdir = epath.Path(workdir)
+  if not str(workdir).startswith("gs://") and workdir.exists() and not workdir.is_dir():
+    raise WorkdirError(f"--workdir={workdir} is a file, not a folder; choose a folder.")
+  workdir.mkdir(parents=True, exist_ok=True)
+  return workdir
+
+
+def prepare(config, workdir, allow_config_change: bool) -> Run:
+  """Checks, loads data, builds, restores: everything before the first step."""
   config_checks.check_config(config, jax.device_count())
-
-  dataset = datasets.load_dataset(config.dataset)
-  logging.info("data: %s; %d train images, counts %s; %d test images",
-               dataset.source, len(dataset.train_labels), dataset.prior.counts.tolist(),
-               len(dataset.test_labels))
+  workdir = open_workdir(workdir)
+  mesh = make_mesh()
+  dataset = data_lib.load(config.dataset)
+  identity = run_record.data_identity(dataset)
+  changes = run_record.check(workdir, config, identity, allow_config_change)
   setup = build(config, dataset, mesh)
-  state, step_cfg, eval_fn = setup.state, setup.step_cfg, setup.eval_fn
-  total_steps = config.num_epochs * step_cfg.steps_per_epoch
-  manager = _checkpoint_manager(workdir, config)
-  if manager.latest_step() is not None:
-    state = manager.restore(manager.latest_step(),
-                            args=ocp.args.StandardRestore(state))
-    logging.info("resumed from checkpoint at step %d", int(state.step))
-  start_step = int(state.step)
-  (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+  manager = checkpointing.make_manager(workdir, config.keep_checkpoints)
+  state, latest = setup.state, manager.latest_step()
+  if latest is not None:
+    state = checkpointing.restore(manager, latest, state)
+  if os.environ.get("LT_CALIB_TEST_WALL_CLOCK_NOISE"):
+    # Test hook (tests/test_cli_runs.py): a run that is not reproducible, for
+    # `lt_calib.check` to catch.
+    state = state.replace(params=jax.tree.map(
+        lambda p: p + jnp.asarray(time.time_ns() % 997 * 1e-9, p.dtype), state.params))
+  start_step = int(jax.device_get(state.step))
+  is_main = distributed.is_main_process()
+  record = run_record.write(workdir, config, identity, changes, start_step) if is_main else {}
+  run = Run(config=config, workdir=workdir, dataset=dataset, setup=setup, mesh=mesh,
+            manager=manager, writer=reporting.create_writer(str(workdir),
+                                                            config.tensorboard, is_main),
+            console=reporting.Console(is_main, config.num_epochs
+                                      * setup.step_cfg.steps_per_epoch, start_step,
+                                      config.batch_size),
+            train_log=reporting.JsonLines(workdir / "train_metrics.jsonl", start_step,
+                                          is_main),
+            eval_log=reporting.JsonLines(workdir / "metrics.jsonl", start_step, is_main),
+            state=state, start_step=start_step,
+            total_steps=config.num_epochs * setup.step_cfg.steps_per_epoch,
+            last_checkpoint=latest, record=record)
+  run.evaluations = list(run.eval_log.records)
+  if setup.streaming:
+    run.train_batches = _streamed_train_batches(run)
+  return run
 
-  writer = reporting.create_writer(str(workdir), config.tensorboard)
-  progress = reporting.Progress(total_steps, config.batch_size, start_step)
-  history, last_checkpoint, best = [], manager.latest_step(), None
-  spe = step_cfg.steps_per_epoch
-  evaluations = []
-  try:
-    for step in range(start_step, total_steps):
-      state, stats = setup.update(state, *setup.arrays)
-      history.append((step, stats))
-      done = step + 1
-      epoch_done = done % spe == 0
-      if done % config.log_every_steps == 0 or epoch_done or done == total_steps:
-        history = [(s, jax.device_get(m)) for s, m in history]
-        _check_finite(history, last_checkpoint)
-        images_per_s, eta = progress.update(done)
-        last = history[-1][1]
-        logging.info("epoch %d step %d/%d loss %.4f lr %.5f %.0f img/s ETA %.0fs",
-                     step // spe + 1, done, total_steps, last["loss"],
-                     last["learning_rate"], images_per_s, eta)
-        writer.write_scalars(done, {**{k: float(v) for k, v in last.items()},
-                                    "images_per_second": images_per_s})
-        history = []
-      if not epoch_done and done != total_steps:
-        continue
-      epoch = done // spe
-      if epoch % config.eval_every_epochs == 0 or done == total_steps:
-        record, logits = _evaluate_and_record(eval_fn, state, dataset, config,
-                                              replicated, epoch, done)
-        evaluations.append(record)
-        reporting.append_jsonl(workdir / "metrics.jsonl", record)
-        writer.write_scalars(done, {f"test/{k}": v for k, v in record.items()
-                                    if isinstance(v, float)})
-        logging.info("eval epoch %d: top1 %.4f ece %.4f nll %.4f", epoch,
-                     record["top1"], record["ece"], record["nll"])
-        if best is None or record["top1"] > best["top1"]:
-          best = {"top1": record["top1"], "epoch": epoch, "step": done}
-      if epoch % config.checkpoint_every_epochs == 0 or done == total_steps:
-        manager.save(done, args=ocp.args.StandardSave(state))
-        last_checkpoint = done
-  finally:
-    manager.wait_until_finished()
-    writer.flush()
 
-  if evaluations and evaluations[-1]["step"] == total_steps:
-    final = evaluations[-1]
-  else:  # A resumed run whose last evaluation happened before the restart.
-    final, logits = _evaluate_and_record(eval_fn, state, dataset, config, replicated,
-                                         total_steps // spe, total_steps)
-  summary = {
-      "final": final,
-      "best_epoch_top1": None if best is None else {
-          **best, "note": "selected on the test set; for comparison with papers "
-                          "that report it, not an unbiased estimate"},
+def _streamed_train_batches(run: Run):
+  cfg = run.setup.step_cfg
+  partner = None
+  if cfg.mix_factor is not None and cfg.mix_space == "input" and cfg.pairing == "sampler":
+    partner = np.asarray(cfg.log_class_probs)
+  main = None if cfg.batch_log_class_probs is None else np.asarray(cfg.batch_log_class_probs)
+  return run.dataset.train_batches(
+      seed=int(run.config.seed), start_step=run.start_step,
+      global_batch=run.config.batch_size, main_log_class_probs=main,
+      partner_log_class_probs=partner, process_index=jax.process_index(),
+      process_count=jax.process_count())
+
+
+def summarize(run: Run, wall_seconds: float) -> dict:
+  """summary.json: final figures, best epoch, counts, config, provenance."""
+  config, dataset = run.config, run.dataset
+  best = max(run.evaluations, key=lambda r: r["top1"])
+  return {
+      "final": run.evaluations[-1],
+      "best_epoch_top1": {
+          "top1": best["top1"], "epoch": best["epoch"], "step": best["step"],
+          "note": "selected on the test set; for comparison with papers that report "
+                  "it, not an unbiased estimate"},
       "train_class_counts": dataset.prior.counts.tolist(),
       "num_train_images": int(len(dataset.train_labels)),
       "num_test_images": int(len(dataset.test_labels)),
       "data_source": dataset.source,
-      "config": json.loads(config.to_json_best_effort()),
+      "config": run_record.config_dict(config),
       "seed": config.seed,
-      "steps": total_steps,
-      "steps_this_run": total_steps - start_step,
-      "resumed_from_step": start_step or None,
-      "wall_time_s": time.time() - wall_start,
-      "train_images_per_s": progress.images_per_second(),
+      "steps": run.total_steps,
+      "steps_this_run": run.total_steps - run.start_step,
+      "resumed_from_step": run.start_step or None,
+      "config_changes": run.record.get("config_changes", []),
+      "data_identity": run.record.get("data"),
+      "wall_time_s": wall_seconds,
+      "train_images_per_s": run.console.images_per_second(),
+      "fingerprint": checkpointing.fingerprint(run.state),
+      "environment": checkpointing.environment(),
       "devices": [str(d) for d in jax.devices()],
       "jax_version": jax.__version__,
   }
-  reporting.write_json(workdir / "summary.json", summary)
-  # Pictures and report.md; a temperature is fitted when dataset.val_per_class > 0.
-  report.write_training_report(
-      workdir, config, logits, dataset.test_labels, dataset.prior.counts,
-      logits_fn=lambda images: evaluate(eval_fn, state, images, None,
-                                        config.eval_batch_size, replicated)[0])
-  writer.close()
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                       allow_config_change: bool = False,
+                       stop_at_step: int | None = None) -> dict:
+  """Trains, evaluates and checkpoints; resumes from `workdir` if possible.
+
+  Args:
+    config: experiment config (see configs/).
+    workdir: output directory (local or gs://): checkpoints/, config.json,
+      run.json, train_metrics.jsonl, metrics.jsonl, summary.json, report.md,
+      TensorBoard events. Only process 0 writes files besides checkpoints.
+    allow_config_change: resume even if the workdir's saved config differs
+      (the change is recorded in run.json and summary.json).
+    stop_at_step: checkpoint and return at this step, as on preemption.
+
+  Returns:
+    The summary dict written to summary.json, or {'stopped_at_step': k,
+    'reason': 'stop_at_step' | 'preempted'} when the run stopped early.
+  """
+  wall_start = time.time()
+  run = prepare(config, workdir, allow_config_change)
+  run.wall_start = wall_start
+  describe(run)
+  watcher = checkpointing.PreemptionWatcher()
+  try:
+    outcome = train_loop(run, stop_at_step, watcher)
+  finally:
+    watcher.close()
+    run.console.close()
+    run.manager.wait_until_finished()
+    run.writer.flush()
+  if outcome != "finished":
+    run.manager.close()
+    return {"stopped_at_step": int(jax.device_get(run.state.step)), "reason": outcome}
+  if run.final_logits is None or run.evaluations[-1]["step"] != run.total_steps:
+    if run.evaluations and run.evaluations[-1]["step"] == run.total_steps:
+      # Resumed after the last evaluation: redo it for the logits of the report.
+      run.evaluations.pop()
+      run.eval_log.records.pop()
+    evaluate(run, -(-run.total_steps // run.steps_per_epoch), run.total_steps)
+  summary = summarize(run, time.time() - run.wall_start)
+  if distributed.is_main_process():
+    reporting.write_json(run.workdir / "summary.json", summary)
+    write_report(run)
+  run.manager.close()
+  run.writer.close()
+  run.console.line(f"done: top-1 {100 * summary['final']['top1']:.2f} %, ECE "
+                   f"{100 * summary['final']['ece']:.2f} %; {run.workdir / 'report.md'}")
   return summary
+
+
+def write_report(run: Run) -> None:
+  """Pictures and report.md (temperature scaling when dataset.val_per_class > 0)."""
+  config = run.config
+
+  def logits_fn(images):
+    rows = feeding.process_rows(run.mesh, config.eval_batch_size)
+    labels = np.zeros(len(images), np.int32)
+    batches = feeding.in_memory_eval_batches(images, labels, config.eval_batch_size, rows)
+    return feeding.gather_logits(run.setup.eval_fn, run.state, batches, len(images),
+                                 run.mesh, config.eval_batch_size)
+
+  report.write_training_report(run.workdir, config, run.final_logits,
+                               run.dataset.test_labels, run.dataset.prior.counts,
+                               logits_fn=None if run.setup.streaming else logits_fn)

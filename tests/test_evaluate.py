@@ -10,20 +10,22 @@ import ml_collections
 import numpy as np
 import pytest
 
-from lt_calib import datasets, evaluate, long_tail, posthoc, report, train
+from lt_calib import evaluate, train
+from lt_calib.calibration import posthoc, report
+from lt_calib.data import long_tail, sources
 from tests.conftest import REPO, tiny_config
 
 
 def test_validation_indices_avoid_training_set_and_record_shortfall():
   labels = np.repeat(np.arange(3), [10, 30, 30])
   kept = np.concatenate([np.arange(10), np.arange(10, 20), np.arange(40, 45)])
-  idx = datasets.validation_indices(labels, kept, per_class=12, seed=0)
+  idx = sources.validation_indices(labels, kept, per_class=12, seed=0)
   assert not set(idx) & set(kept)
   # Class 0 has no unused image, class 1 has 20 (12 taken), class 2 has 25.
   assert np.bincount(labels[idx], minlength=3).tolist() == [0, 12, 12]
-  np.testing.assert_array_equal(idx, datasets.validation_indices(labels, kept, 12, 0))
-  assert not np.array_equal(idx, datasets.validation_indices(labels, kept, 12, 1))
-  few = datasets.validation_indices(labels, kept, per_class=22, seed=0)
+  np.testing.assert_array_equal(idx, sources.validation_indices(labels, kept, 12, 0))
+  assert not np.array_equal(idx, sources.validation_indices(labels, kept, 12, 1))
+  few = sources.validation_indices(labels, kept, per_class=22, seed=0)
   assert np.bincount(labels[few], minlength=3).tolist() == [0, 20, 22]
 
 
@@ -31,15 +33,15 @@ def test_cifar10_validation_split_leaves_the_lt_training_set_unchanged(cifar10_f
   cfg = tiny_config().dataset
   with np.load(cifar10_file, allow_pickle=False) as archive:
     pool = archive["train_labels"]
-  info = datasets.get_info("cifar10")
-  kept = datasets.train_indices(info, pool, cfg)
+  info = sources.get_info("cifar10")
+  kept = sources.train_indices(info, pool, cfg)
   # Same rule as before: CIFAR-10-LT-100 keeps 12,406 images.
   assert len(kept) == 12406
-  idx = datasets.validation_indices(pool, kept, per_class=50, seed=0)
+  idx = sources.validation_indices(pool, kept, per_class=50, seed=0)
   assert not set(idx) & set(kept)
   # Class 0 keeps all of its 5,000 images, so none is left for validation.
   assert np.bincount(pool[idx], minlength=10).tolist() == [0] + [50] * 9
-  images, labels = datasets.load_validation_split(cfg, 50)
+  images, labels = sources.load_validation_split(cfg, 50)
   assert images.shape == (450, 32, 32, 3) and images.dtype == np.uint8
   np.testing.assert_array_equal(labels, pool[idx])
 
@@ -52,7 +54,7 @@ def test_label_shift_rows_and_table():
   logits[np.arange(1000), labels] += 1.5
   config = ml_collections.ConfigDict(
       {"loss": {"name": "ce", "test_prior": "uniform"}, "calibration_bins": 15})
-  data = datasets.Dataset(None, None, None, labels, datasets.get_info("cifar10"),
+  data = sources.Dataset(None, None, None, labels, sources.get_info("cifar10"),
                           long_tail.class_prior(np.repeat(np.arange(10), counts), 10),
                           "fake")
   run = evaluate.Run(config, data, 0, None, logits)

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 from scipy.special import log_softmax
 
-from lt_calib import long_tail, losses
+from lt_calib import losses
+from lt_calib.data import long_tail
 
 
 def pairwise_bayias(logits, label, offset):

@@ -11,7 +11,8 @@ from scipy.special import log_softmax
 
 import optax
 
-from lt_calib import config_checks, datasets, long_tail, losses, mixing, models, train
+from lt_calib import config_checks, losses, mixing, models, steps, train
+from lt_calib.data import long_tail, sources
 from lt_calib.models import heads
 from tests.conftest import tiny_config
 
@@ -94,7 +95,7 @@ def test_manifold_mixup_mixes_the_chosen_layer_only():
   model = tiny_resnet()
   x = jnp.asarray(np.random.RandomState(1).randn(4, 8, 8, 3), jnp.float32)
   # The training code's initialiser (its compiled form is shared with the runs below).
-  variables = train.create_train_state(jax.random.key(0), model, (8, 8, 3), optax_sgd())
+  variables = steps.create_train_state(jax.random.key(0), model, (8, 8, 3), optax_sgd())
   variables = {"params": variables.params, "batch_stats": variables.batch_stats}
   partner = jnp.array([1, 2, 3, 0])
   apply_plain = jax.jit(lambda images: model.apply(variables, images, train=False))
@@ -235,9 +236,9 @@ def synthetic_dataset(counts=COUNTS, size=8, test_per_class=32, seed=0):
 
   train_labels = np.repeat(np.arange(4), counts).astype(np.int32)
   test_labels = np.repeat(np.arange(4), test_per_class).astype(np.int32)
-  info = datasets.DatasetInfo(4, size, max(counts), None, None, datasets.CIFAR_MEAN,
-                              datasets.CIFAR_STD)
-  return datasets.Dataset(draw(train_labels), train_labels, draw(test_labels), test_labels,
+  info = sources.DatasetInfo(4, size, max(counts), None, None, sources.CIFAR_MEAN,
+                              sources.CIFAR_STD)
+  return sources.Dataset(draw(train_labels), train_labels, draw(test_labels), test_labels,
                           info, long_tail.class_prior(train_labels, 4), "synthetic")
 
 
@@ -251,12 +252,12 @@ def synthetic_config(**overrides):
 @pytest.mark.parametrize("sampler,tau", [("class_balanced", 0.0), ("square_root", 0.5)])
 def test_resamplers_follow_pi_to_the_tau(sampler, tau):
   dataset = synthetic_dataset()
-  cfg = train.make_step_config(synthetic_config(sampler__name=sampler, mix__name="none"),
+  cfg = steps.make_step_config(synthetic_config(sampler__name=sampler, mix__name="none"),
                                dataset)
   labels = jnp.asarray(dataset.train_labels)
 
   def batch_labels(key):
-    return train.prepare_batch(jnp.asarray(dataset.train_images), labels, jnp.int32(0),
+    return steps.prepare_batch(jnp.asarray(dataset.train_images), labels, jnp.int32(0),
                                key, jax.random.key(0), cfg)["label"]
 
   drawn = np.asarray(jax.jit(jax.vmap(batch_labels))(jax.random.split(jax.random.key(3), 100)))
@@ -267,12 +268,29 @@ def test_resamplers_follow_pi_to_the_tau(sampler, tau):
 
 def test_in_batch_pairing_keeps_random_partners_random():
   dataset = synthetic_dataset()
-  make = lambda name: train.make_step_config(
+  make = lambda name: steps.make_step_config(
       synthetic_config(mix__name=name, mix__pairing="in_batch", mix__tau=-0.5), dataset)
   assert make("mixup").in_batch_tau == 0.0   # Uniform over the batch, like R.
   assert make("remix").in_batch_tau == 0.0
-  assert make("unimix").in_batch_tau == -0.5  # The official code's n^tau.
-  assert make("unimix_sampler").in_batch_tau == -0.5
+  # tau = -0.5 in the paper's units: partner class ∝ pi^-0.5 = n^-1.5 n.
+  assert make("unimix").in_batch_tau == -1.5
+  assert make("unimix_sampler").in_batch_tau == -1.5
+  counts = lambda name: steps.make_step_config(synthetic_config(
+      mix__name=name, mix__pairing="in_batch", mix__tau=-0.5, mix__tau_units="counts"),
+      dataset)
+  assert counts("unimix").in_batch_tau == -0.5  # The official code's n^tau.
+  assert counts("mixup").in_batch_tau == 0.0
+
+
+@pytest.mark.parametrize("tau,units,exponent", [
+    (-1.0, "prior", -1.0), (-1.0, "counts", 0.0), (-0.5, "counts", 0.5), (0.0, "counts", 1.0)])
+def test_tau_units_set_the_partner_class_law(tau, units, exponent):
+  """R*'s class probabilities are pi^exponent, normalised (checked by hand)."""
+  dataset = synthetic_dataset()
+  cfg = steps.make_step_config(
+      synthetic_config(mix__name="unimix", mix__tau=tau, mix__tau_units=units), dataset)
+  expected = np.power(COUNTS, exponent) / np.sum(np.power(COUNTS, exponent))
+  np.testing.assert_allclose(np.exp(np.asarray(cfg.log_class_probs)), expected, rtol=1e-5)
 
 
 @pytest.mark.parametrize("overrides,message", [
@@ -286,6 +304,7 @@ def test_in_batch_pairing_keeps_random_partners_random():
     (dict(model__head="mlp"), "model.head='mlp' is unknown"),
     (dict(mix__remix_kappa=0.5), "remix_kappa must be >= 1"),
     (dict(mix__manifold_layers=(0, 4)), "manifold_layers must be a non-empty subset"),
+    (dict(mix__tau_units="log"), "mix.tau_units=.log. is unknown"),
 ])
 def test_method_config_errors_name_the_field(overrides, message):
   with pytest.raises(ValueError, match=message):
@@ -324,6 +343,7 @@ def test_method_trains_on_a_separable_set(name, separable):
     losses_seen.append(float(step_stats["loss"]))
   assert np.all(np.isfinite(losses_seen))
   assert np.mean(losses_seen[-5:]) < np.mean(losses_seen[:5])
-  logits = np.asarray(setup.eval_fn(state, jnp.asarray(separable.test_images)))
+  logits = np.asarray(setup.eval_fn(state, jnp.asarray(separable.test_images),
+                                    jnp.zeros(len(separable.test_images)))[0])
   accuracy = np.mean(logits.argmax(1) == separable.test_labels)
   assert accuracy > 0.5, accuracy  # Chance is 0.25 on the balanced test set.

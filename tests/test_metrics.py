@@ -1,4 +1,4 @@
-"""Tests of lt_calib.metrics against hand-worked values and plain transcriptions.
+"""Tests of lt_calib.calibration.metrics against hand-worked values and plain transcriptions.
 
 The reference functions below (`ref_*`) transcribe Eq. D.2-D.6 of the paper
 with explicit loops and comparisons, independently of the vectorised code.
@@ -16,7 +16,7 @@ import pytest
 import scipy.special
 import sklearn.metrics
 
-from lt_calib import metrics
+from lt_calib.calibration import metrics
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -311,7 +311,7 @@ def test_batch_statistics_sum_matches_summarize():
 DEVICE_SCRIPT = """
 import json
 import jax, jax.numpy as jnp, numpy as np
-from lt_calib import metrics
+from lt_calib.calibration import metrics
 assert len(jax.devices()) == 8, jax.devices()
 rng = np.random.default_rng(7)
 n, c, padded = 797, 12, 800

@@ -5,7 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 from scipy import stats
 
-from lt_calib import mixing, sampling
+from lt_calib import mixing
+from lt_calib.data import sampling
 
 
 def test_unimix_factor_follows_shifted_beta_eq6():

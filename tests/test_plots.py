@@ -1,4 +1,4 @@
-"""Tests of lt_calib.plots and lt_calib.report: every picture for 10-1000 classes."""
+"""Tests of lt_calib.calibration.plots and .report: every picture for 10-1000 classes."""
 
 import json
 
@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import sklearn.metrics
 
-from lt_calib import long_tail, metrics, plots, report
+from lt_calib.calibration import metrics, plots, report
+from lt_calib.data import long_tail
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

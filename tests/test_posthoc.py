@@ -1,10 +1,11 @@
-"""Tests of lt_calib.posthoc: temperature scaling, prior correction, resampling."""
+"""Tests of lt_calib.calibration.posthoc: temperature scaling, prior correction, resampling."""
 
 import ml_collections
 import numpy as np
 import pytest
 
-from lt_calib import losses, posthoc
+from lt_calib import losses
+from lt_calib.calibration import posthoc
 
 # Appendix D.4 profiles for n = 1000 images a class (CIFAR-10's test set),
 # computed by hand from n'_c = int(1000 * (1/rho')^(c/9)) for rho' >= 1 and

@@ -1,4 +1,4 @@
-"""Tests of lt_calib.synthetic: geometry, virtual labels and the Sec. 4.1 ordering.
+"""Tests of lt_calib.analysis.synthetic: geometry, virtual labels and the Sec. 4.1 ordering.
 
 Expected values are derived by hand: boundary angles/offsets of chosen lines,
 and the share of virtual points labelled negative, which for the UniMix
@@ -12,7 +12,7 @@ import jax
 import numpy as np
 import pytest
 
-from lt_calib import synthetic
+from lt_calib.analysis import synthetic
 
 SETUP = synthetic.Setup()  # m = 1000, n = 20, discs at +-(1, 1), r = 1.
 

@@ -1,4 +1,4 @@
-"""Tests of lt_calib.theory against hand derivations, scipy quadrature and chi-square.
+"""Tests of lt_calib.analysis.theory against hand derivations, scipy quadrature and chi-square.
 
 Reference values are derived here independently of the module: the paper's
 formulas are transcribed literally (`paper_*`), integrals come from
@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 from scipy import integrate, optimize, stats
 
-from lt_calib import long_tail, theory
+from lt_calib.analysis import theory
+from lt_calib.data import long_tail
 
 C, RHO = 100, 200.0
 # n_max = 5000 keeps the int() truncation of the tail counts small enough

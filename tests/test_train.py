@@ -1,25 +1,26 @@
 """End-to-end training: outputs, resumption, 8-device sharding, bad input."""
 
+import hashlib
 import json
 import os
 import pathlib
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 
-from lt_calib import config_checks, train
+from lt_calib import checkpointing, config_checks, train
+from lt_calib.errors import WorkdirError
 from tests.conftest import REPO, tiny_config
 
 
 def final_params(workdir):
-  """Parameters of the latest checkpoint, read back with plain Orbax."""
-  manager = ocp.CheckpointManager(pathlib.Path(workdir, "checkpoints").resolve())
-  step = manager.latest_step()
-  return step, manager.restore(step)["params"]
+  """Parameters of the latest checkpoint, read back without a target."""
+  step, state = checkpointing.read_state_tree(workdir)
+  return step, state["params"]
 
 
 def assert_trees_close(a, b, **tolerance):
@@ -43,19 +44,74 @@ def test_run_writes_summary_and_metrics(tmp_path, cifar10_file):
   assert final["few_acc"] is None  # No class has < 20 images at rho = 100.
   assert len(final["per_class_acc"]) == 10 and on_disk["config"]["mix"]["name"] == "unimix"
   assert on_disk["best_epoch_top1"]["epoch"] in (1, 2)
+  # Provenance: the fingerprint of the final state, also in the checkpoint.
+  assert len(on_disk["fingerprint"]) == 64
+  assert on_disk["environment"]["device_count"] == jax.device_count()
+  assert on_disk["environment"]["jax"] == jax.__version__
+  manager = checkpointing.make_manager(tmp_path, 1, read_only=True)
+  assert checkpointing.read_meta(manager, 24)["fingerprint"] == on_disk["fingerprint"]
+  # Every log interval (4 steps) in train_metrics.jsonl, for scripts and tests.
+  records = [json.loads(l) for l in (tmp_path / "train_metrics.jsonl").read_text().splitlines()]
+  assert [r["step"] for r in records] == [4, 8, 12, 16, 20, 24]
+  for record in records:
+    assert {"step", "loss", "learning_rate", "images_per_second"} <= set(record)
   assert (tmp_path / "checkpoints").is_dir()
+
+
+def test_fingerprint_sees_every_bit():
+  state = SimpleNamespace(params={"w": np.ones((2, 3), np.float32)},
+                          batch_stats={"mean": np.zeros(3, np.float32)})
+  same = SimpleNamespace(params={"w": np.ones((2, 3), np.float32)},
+                         batch_stats={"mean": np.zeros(3, np.float32)})
+  assert checkpointing.fingerprint(state) == checkpointing.fingerprint(same)
+  flipped = np.ones((2, 3), np.float32)
+  flipped.view(np.uint32)[1, 2] ^= 1  # The lowest mantissa bit of one element.
+  assert checkpointing.fingerprint(SimpleNamespace(
+      params={"w": flipped}, batch_stats=same.batch_stats)) != checkpointing.fingerprint(state)
+  moved = SimpleNamespace(params={"w": np.ones((3, 2), np.float32)},
+                          batch_stats=same.batch_stats)  # Same bytes, other shape.
+  assert checkpointing.fingerprint(moved) != checkpointing.fingerprint(state)
 
 
 def test_resumed_run_matches_uninterrupted(tmp_path, cifar10_file):
   whole, split = tmp_path / "whole", tmp_path / "split"
-  train.train_and_evaluate(tiny_config(), str(whole))
-  train.train_and_evaluate(tiny_config(num_epochs=1), str(split))
-  summary = train.train_and_evaluate(tiny_config(), str(split))  # Resumes.
-  assert summary["resumed_from_step"] == 12 and summary["steps_this_run"] == 12
-  step_a, params_a = final_params(whole)
-  step_b, params_b = final_params(split)
-  assert step_a == step_b == 24
-  assert_trees_close(params_a, params_b, rtol=1e-6, atol=1e-7)
+  expected = train.train_and_evaluate(tiny_config(), str(whole))
+  # Stopped mid-epoch (8 of 12 steps), as on preemption, then the same call.
+  stopped = train.train_and_evaluate(tiny_config(), str(split), stop_at_step=8)
+  assert stopped == {"stopped_at_step": 8, "reason": "stop_at_step"}
+  assert checkpointing.read_state_tree(split)[0] == 8
+  summary = train.train_and_evaluate(tiny_config(), str(split))
+  assert summary["resumed_from_step"] == 8 and summary["steps_this_run"] == 16
+  assert summary["fingerprint"] == expected["fingerprint"]  # Bit for bit.
+  assert summary["final"]["top1"] == expected["final"]["top1"]
+  losses = lambda d: [json.loads(l)["loss"]
+                      for l in (d / "train_metrics.jsonl").read_text().splitlines()]
+  assert losses(split) == losses(whole)  # One record per interval, none twice.
+
+
+def test_two_fresh_runs_have_equal_fingerprints(tmp_path, cifar10_file):
+  config = tiny_config(num_epochs=1)
+  first = train.train_and_evaluate(config, str(tmp_path / "a"))
+  second = train.train_and_evaluate(config, str(tmp_path / "b"))
+  assert first["fingerprint"] == second["fingerprint"]
+  other_seed = train.train_and_evaluate(tiny_config(num_epochs=1, seed=1),
+                                        str(tmp_path / "c"))
+  assert other_seed["fingerprint"] != first["fingerprint"]
+
+
+def test_resume_with_a_changed_config_is_refused(tmp_path, cifar10_file):
+  train.train_and_evaluate(tiny_config(), str(tmp_path), stop_at_step=4)
+  with pytest.raises(WorkdirError, match=r"optim\.learning_rate: 0\.1 -> 0\.05.*"
+                                         r"--allow_config_change"):
+    train.train_and_evaluate(tiny_config(optim__learning_rate=0.05), str(tmp_path))
+  # Bookkeeping fields (how often to log) change nothing that is computed.
+  train.train_and_evaluate(tiny_config(log_every_steps=2), str(tmp_path), stop_at_step=6)
+  summary = train.train_and_evaluate(tiny_config(optim__learning_rate=0.05), str(tmp_path),
+                                     allow_config_change=True)
+  assert summary["config_changes"] == [{"resumed_at_step": 6, "changes": {
+      "optim.learning_rate": [0.1, 0.05]}}]
+  record = json.loads((tmp_path / "run.json").read_text())
+  assert record["data"]["sha256"] == hashlib.sha256(cifar10_file.read_bytes()).hexdigest()
 
 
 def run_cli(workdir, devices):
@@ -81,9 +137,10 @@ def test_eight_devices_match_one(tmp_path, cifar10_file):
 
 
 def test_non_finite_loss_stops_and_keeps_checkpoint(tmp_path, cifar10_file):
-  train.train_and_evaluate(tiny_config(num_epochs=1), str(tmp_path))
-  with pytest.raises(train.NonFiniteLossError, match=r"at step 1[2-9].*checkpoint \(step 12\)"):
-    train.train_and_evaluate(tiny_config(optim__learning_rate=1e30), str(tmp_path))
+  train.train_and_evaluate(tiny_config(), str(tmp_path), stop_at_step=12)
+  with pytest.raises(train.NonFiniteLossError, match=r"at step 1[3-9].*checkpoint \(step 12\)"):
+    train.train_and_evaluate(tiny_config(optim__learning_rate=1e30), str(tmp_path),
+                             allow_config_change=True)
   step, _ = final_params(tmp_path)
   assert step == 12
 

@@ -14,6 +14,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from lt_calib.errors import ConfigError
+
 
 def symmetric_uniform(key, shape, dtype=jnp.float32):
   """U(-1, 1), LDAM-DRW's initial NormedLinear weights (only directions matter)."""
@@ -57,7 +59,7 @@ HEADS = {"linear": linear_head, "normalized": normalized_head}
 def get_head(name: str):
   """Looks up `model.head`, listing the allowed names if unknown."""
   if name not in HEADS:
-    raise ValueError(f"model.head={name!r} is unknown; allowed: {sorted(HEADS)}.")
+    raise ConfigError(f"model.head={name!r} is unknown; allowed: {sorted(HEADS)}.")
   return HEADS[name]
 
 

@@ -16,6 +16,8 @@ from typing import NamedTuple
 
 import numpy as np
 
+from lt_calib.errors import ConfigError, DataError
+
 PROFILES = ("exp", "step")
 
 
@@ -33,10 +35,10 @@ def long_tail_counts(n_max: int, num_classes: int, imbalance_ratio: float,
     int64 array [C] of counts, class 0 first.
   """
   if not imbalance_ratio >= 1:
-    raise ValueError(
+    raise ConfigError(
         f"dataset.imbalance_ratio must be >= 1 (1 = balanced), got {imbalance_ratio}.")
   if profile not in PROFILES:
-    raise ValueError(
+    raise ConfigError(
         f"dataset.imbalance_type={profile!r} is unknown; allowed: {PROFILES}.")
   if profile == "exp":
     if num_classes == 1:
@@ -72,7 +74,8 @@ def select_long_tail(labels: np.ndarray, counts: np.ndarray,
   for c, n_c in enumerate(counts):
     idx = np.where(labels == c)[0]
     if n_c > len(idx):
-      raise ValueError(f"class {c} has {len(idx)} images, cannot keep {n_c}.")
+      raise DataError(f"class {c} has {len(idx)} images in the data, cannot keep "
+                      f"{n_c}: the data is not the full dataset that dataset.name says.")
     rng.shuffle(idx)
     kept.append(idx[:n_c])
   return np.concatenate(kept).astype(np.int64)
@@ -101,15 +104,16 @@ def class_prior(labels: np.ndarray, num_classes: int,
   """
   labels = np.asarray(labels)
   if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
-    raise ValueError(
+    raise DataError(
         f"labels must lie in [0, {num_classes}) but span [{labels.min()}, "
         f"{labels.max()}]; check dataset.num_classes.")
   counts = np.bincount(labels, minlength=num_classes).astype(np.int64)
   if zero_count_smoothing < 0:
-    raise ValueError("dataset.zero_count_smoothing must be >= 0.")
+    raise ConfigError("dataset.zero_count_smoothing must be >= 0, got "
+                      f"{zero_count_smoothing}.")
   empty = np.where(counts == 0)[0]
   if len(empty) and zero_count_smoothing == 0:
-    raise ValueError(
+    raise ConfigError(
         f"classes {empty.tolist()[:10]} have zero training images, so log pi is "
         "-inf. Lower dataset.imbalance_ratio, or set "
         "dataset.zero_count_smoothing > 0 to add a pseudo-count to every class.")

@@ -24,7 +24,8 @@ import numpy as np
 import scipy.optimize
 import scipy.special
 
-from lt_calib import long_tail, losses
+from lt_calib import losses
+from lt_calib.data import long_tail
 
 
 def _nll(logits, labels, temperature):
@@ -158,7 +159,7 @@ def test_prior_spec(test_rho: float, num_classes: int, n_per_class: int = 1000) 
   """`loss.test_prior` string (comma-separated counts) for a rho' test set.
 
   Train a Bayias model for a known shifted test prior with
-  `--config.loss.test_prior=$(python -c "from lt_calib import posthoc;
+  `--config.loss.test_prior=$(python -c "from lt_calib.calibration import posthoc;
   print(posthoc.test_prior_spec(100, 10))")`; the counts are those of
   `shifted_counts`, so pi' is the exact label distribution of the resampled set.
   """

@@ -15,7 +15,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from lt_calib import metrics
+from lt_calib.calibration import metrics
 
 PICTURES = {
     "reliability.png": "Reliability diagram (15 bins): bars are the accuracy of "
@@ -71,7 +71,7 @@ def temperature_section(val_logits, val_labels, test_logits, test_labels, train_
     dict: 'temperature', 'val_count_per_class' (list), 'val_nll_before'/'after'
     and 'summary' (`metrics.summarize` of test_logits / T).
   """
-  from lt_calib import posthoc  # pylint: disable=g-import-not-at-top
+  from lt_calib.calibration import posthoc  # pylint: disable=g-import-not-at-top
   val_labels = np.asarray(val_labels)
   temperature = posthoc.fit_temperature(val_logits, val_labels)
   num_classes = np.asarray(test_logits).shape[1]
@@ -110,7 +110,7 @@ def write_report(workdir, logits, labels, train_counts, num_bins=15, title="",
   Returns:
     The `metrics.summarize` dict of the raw logits.
   """
-  from lt_calib import plots, posthoc  # pylint: disable=g-import-not-at-top
+  from lt_calib.calibration import plots, posthoc  # pylint: disable=g-import-not-at-top
   out = pathlib.Path(workdir)
   out.mkdir(parents=True, exist_ok=True)
   logits, labels = np.asarray(logits, np.float64), np.asarray(labels)
@@ -187,7 +187,7 @@ def write_training_report(workdir, config, logits, labels, train_counts,
   Returns:
     The `metrics.summarize` dict of the raw logits, or None if skipped.
   """
-  from lt_calib import datasets  # pylint: disable=g-import-not-at-top
+  from lt_calib.data import sources  # pylint: disable=g-import-not-at-top
   try:
     import matplotlib  # pylint: disable=g-import-not-at-top,unused-import
     import scipy  # pylint: disable=g-import-not-at-top,unused-import
@@ -198,7 +198,7 @@ def write_training_report(workdir, config, logits, labels, train_counts,
   temperature = None
   if per_class > 0 and logits_fn is not None:
     try:
-      images, val_labels = datasets.load_validation_split(config.dataset, per_class)
+      images, val_labels = sources.load_validation_split(config.dataset, per_class)
       temperature = temperature_section(np.asarray(logits_fn(images)), val_labels,
                                         logits, labels, train_counts,
                                         config.calibration_bins)
@@ -208,4 +208,4 @@ def write_training_report(workdir, config, logits, labels, train_counts,
            f"{config.mix.name}+{config.loss.name}")
   return write_report(workdir, logits, labels, train_counts, config.calibration_bins,
                       title, temperature=temperature,
-                      class_names=datasets.load_class_names(config.dataset))
+                      class_names=sources.load_class_names(config.dataset))

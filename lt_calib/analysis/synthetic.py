@@ -21,7 +21,7 @@ the mean |displacement| along u of the learned boundary from y = -x over the
 stretch |s| <= r of y = -x that lies between the discs (tilt and shift in
 one number, in units of length).
 
-  python -m lt_calib.synthetic --out=DIR [--seeds=10 --m=1000 --n=20]
+  python -m lt_calib.analysis.synthetic --out=DIR [--seeds=10 --m=1000 --n=20]
 """
 
 import csv
@@ -34,7 +34,8 @@ import jax.numpy as jnp
 import numpy as np
 from sklearn import svm
 
-from lt_calib import long_tail, mixing, sampling
+from lt_calib import mixing
+from lt_calib.data import long_tail, sampling
 
 METHODS = ("imbalanced", "mixup", "unimix", "balanced")  # Fig. 3 (a)-(d).
 TITLES = {"imbalanced": "(a) imbalanced", "mixup": "(b) imbalanced + mixup",
@@ -235,7 +236,7 @@ def main(argv):
 
 if __name__ == "__main__":
   from absl import app, flags  # pylint: disable=g-import-not-at-top,g-multiple-import
-  # Defined only when run as a script (lt_calib.theory also defines --out).
+  # Defined only when run as a script (lt_calib.analysis.theory also defines --out).
   flags.DEFINE_string("out", None, "Output directory.")
   flags.DEFINE_integer("seeds", 10, "Number of seeds (data and mixing).")
   flags.DEFINE_integer("m", Setup._field_defaults["m"], "Points per disc (positives).")

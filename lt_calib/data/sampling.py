@@ -23,6 +23,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lt_calib.errors import ConfigError
+
 
 # sampler.name -> tau of the class-level sampler (None: the epoch permutation R).
 BATCH_SAMPLERS = {"random": None, "class_balanced": 0.0, "square_root": 0.5}
@@ -31,7 +33,7 @@ BATCH_SAMPLERS = {"random": None, "class_balanced": 0.0, "square_root": 0.5}
 def get_batch_sampler_tau(name: str) -> float | None:
   """Looks up `sampler.name`, listing the allowed names if unknown."""
   if name not in BATCH_SAMPLERS:
-    raise ValueError(f"sampler.name={name!r} is unknown; allowed: {sorted(BATCH_SAMPLERS)}.")
+    raise ConfigError(f"sampler.name={name!r} is unknown; allowed: {sorted(BATCH_SAMPLERS)}.")
   return BATCH_SAMPLERS[name]
 
 

@@ -18,14 +18,16 @@ import logging
 import os
 import pathlib
 import zipfile
+import zlib
 from typing import Optional
 
 import numpy as np
 from PIL import Image
 
-from lt_calib import long_tail
+from lt_calib.data import long_tail
+from lt_calib.errors import ConfigError, DataError, MissingDataError, MissingDependencyError
 
-REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
 SOURCES = ("auto", "offline", "tfds")
 # LDAM-DRW / Prior-LT normalisation constants for both CIFARs.
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
@@ -41,6 +43,8 @@ class DatasetInfo:
   `pool_is_long_tailed` marks an offline pool that is already the rho=`pool_rho`
   long-tailed split stored in kept order (Tiny-ImageNet-LT): any rho >= pool_rho
   keeps the first n_c images of each class, which is the CIFAR-LT rule.
+  `streaming` marks a dataset read from split lists through tf.data
+  (lt_calib.data.pipeline.load_streaming_dataset), never held in memory.
   """
   num_classes: int
   image_size: int
@@ -51,6 +55,7 @@ class DatasetInfo:
   std: tuple
   pool_is_long_tailed: bool = False
   pool_rho: float = 1.0
+  streaming: bool = False
 
 
 DATASETS = {
@@ -63,6 +68,15 @@ DATASETS = {
     "tiny_imagenet_lt": DatasetInfo(200, 64, 500, "tiny_imagenet_lt10_jpeg.npz",
                                     None, IMAGENET_MEAN, IMAGENET_STD,
                                     pool_is_long_tailed=True, pool_rho=10.0),
+    # Streamed from split lists (lt_calib/data/lists.py, docs/data.md); n_max is
+    # the largest class of the published training list. 'image_list' takes
+    # num_classes and image_size from the config (0 here = unset).
+    "imagenet_lt": DatasetInfo(1000, 224, 1280, None, "imagenet2012", IMAGENET_MEAN,
+                               IMAGENET_STD, streaming=True),
+    "inat2018": DatasetInfo(8142, 224, 1000, None, "i_naturalist2018", IMAGENET_MEAN,
+                            IMAGENET_STD, streaming=True),
+    "image_list": DatasetInfo(0, 224, 0, None, None, IMAGENET_MEAN, IMAGENET_STD,
+                              streaming=True),
 }
 
 
@@ -81,7 +95,7 @@ class Dataset:
 def get_info(name: str) -> DatasetInfo:
   """Looks up a dataset by name, with the allowed names in the error."""
   if name not in DATASETS:
-    raise ValueError(f"dataset.name={name!r} is unknown; allowed: {sorted(DATASETS)}.")
+    raise ConfigError(f"dataset.name={name!r} is unknown; allowed: {sorted(DATASETS)}.")
   return DATASETS[name]
 
 
@@ -98,28 +112,89 @@ def candidate_paths(info: DatasetInfo, data_file: str = "") -> list:
   return paths
 
 
+NPZ_FORMAT = "../shared/data/README.md"
+REQUIRED_ARRAYS = ("train_jpeg", "train_offsets", "train_labels", "test_jpeg",
+                   "test_offsets", "test_labels")
+
+
+def _one_line(error) -> str:
+  # Library messages may span lines; a UserError message is one line.
+  return " ".join(str(error).split())
+
+
 def _missing_data_message(name, paths):
-  tried = "\n  ".join(str(p) for p in paths) or "(no offline file for this dataset)"
-  return (f"no offline data file for dataset {name!r}; tried:\n  {tried}\n"
-          "Put the .npz file (format: ../shared/data/README.md) in one of these "
-          "places, point dataset.data_file or $LT_CALIB_DATA_DIR at it, or use "
+  tried = "; ".join(str(p) for p in paths) or "(no offline file for this dataset)"
+  return (f"no offline data file for dataset {name!r}; tried: {tried}. Put the .npz "
+          f"file (format: {NPZ_FORMAT}) in one of these places, point "
+          "dataset.data_file or $LT_CALIB_DATA_DIR at it, or use "
           "dataset.source='tfds' on a machine with a network.")
 
 
 def read_npz(path: pathlib.Path) -> dict:
-  """Loads an offline archive without pickles, with a clear error if broken."""
-  required = ("train_jpeg", "train_offsets", "train_labels", "test_jpeg",
-              "test_offsets", "test_labels")
+  """Loads an offline archive, never unpickling, with a one-line error if broken.
+
+  Args:
+    path: the `.npz` file.
+
+  Returns:
+    dict of every array of the archive.
+
+  Raises:
+    MissingDataError: `path` does not exist.
+    DataError: `path` is not an .npz archive, is truncated or corrupt, holds
+      pickled (object) arrays, or lacks one of REQUIRED_ARRAYS.
+  """
+  path = pathlib.Path(path)
+  fix = (f"replace it with a fresh copy (format: {NPZ_FORMAT}) or point "
+         "dataset.data_file at another file")
+  try:
+    with open(path, "rb") as f:
+      magic = f.read(4)
+  except FileNotFoundError as e:
+    raise MissingDataError(f"offline data file {path} does not exist.") from e
+  except OSError as e:
+    raise DataError(f"cannot read offline data file {path}: {e.strerror or e}.") from e
+  # A zip (so an .npz) opens with a local file header, or the end record if
+  # empty; a truncated copy keeps its header but loses the central directory.
+  if magic not in (b"PK\x03\x04", b"PK\x05\x06"):
+    what = "it is empty" if not magic else "it has no zip header"
+    raise DataError(f"{path} is not an .npz archive ({what}); {fix}.")
   try:
     with np.load(path, allow_pickle=False) as archive:
-      missing = [k for k in required if k not in archive.files]
+      missing = [k for k in REQUIRED_ARRAYS if k not in archive.files]
       if missing:
-        raise ValueError(f"keys {missing} missing")
-      return {k: archive[k] for k in archive.files}
-  except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
-    raise ValueError(
-        f"cannot read offline data file {path}: {e}. It is corrupt or not in the "
-        "format of ../shared/data/README.md; replace it with a fresh copy.") from e
+        raise DataError(f"{path} lacks the arrays {missing} (it has "
+                        f"{sorted(archive.files)}); {fix}.")
+      arrays = {}
+      for key in archive.files:
+        try:
+          arrays[key] = archive[key]
+        except ValueError as e:
+          if "allow_pickle" not in str(e):
+            raise
+          # Unpickling can run arbitrary code, so object arrays stay unread.
+          raise DataError(f"{path} contains pickled (object) data in {key!r}, "
+                          f"which lt_calib never loads; {fix}.") from e
+      return arrays
+  except DataError:
+    raise
+  except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as e:
+    raise DataError(f"{path} is truncated or corrupt ({_one_line(e)}); {fix}.") from e
+
+
+def _check_split(archive: dict, split: str, path) -> None:
+  """Raises DataError unless a split's labels, offsets and JPEG bytes agree."""
+  labels, offsets = archive[f"{split}_labels"], archive[f"{split}_offsets"]
+  size = np.asarray(archive[f"{split}_jpeg"]).nbytes
+  ok = (labels.ndim == 1 and offsets.shape == (len(labels) + 1,)
+        and np.issubdtype(offsets.dtype, np.integer)
+        and (len(labels) == 0 or (offsets[0] >= 0 and offsets[-1] <= size
+                                  and np.all(np.diff(offsets) > 0))))
+  if not ok:
+    raise DataError(
+        f"{path}: {split}_offsets (shape {offsets.shape}) does not index "
+        f"{len(labels)} {split}_labels images in {split}_jpeg ({size} bytes); the "
+        f"file is corrupt or not in the format of {NPZ_FORMAT}.")
 
 
 def decode_jpegs(blob: np.ndarray, offsets: np.ndarray, indices: np.ndarray,
@@ -129,11 +204,16 @@ def decode_jpegs(blob: np.ndarray, offsets: np.ndarray, indices: np.ndarray,
 
   def decode(i):
     raw = data[offsets[i]:offsets[i + 1]]
-    # convert('RGB'): a few Tiny-ImageNet images are grayscale.
-    image = np.asarray(Image.open(io.BytesIO(raw)).convert("RGB"))
+    try:
+      # convert('RGB'): a few Tiny-ImageNet images are grayscale.
+      image = np.asarray(Image.open(io.BytesIO(raw)).convert("RGB"))
+    except (OSError, SyntaxError) as e:  # What Pillow raises on broken bytes.
+      raise DataError(f"image {i} is not a readable JPEG ({type(e).__name__}); the "
+                      "file is corrupt: replace it with a fresh copy.") from e
     if image.shape != (image_size, image_size, 3):
-      raise ValueError(f"image {i} has shape {image.shape}, expected "
-                       f"{(image_size, image_size, 3)}.")
+      raise DataError(f"image {i} has shape {image.shape}, expected "
+                      f"{(image_size, image_size, 3)}: the file holds another "
+                      "dataset; check dataset.name and dataset.data_file.")
     return image
 
   # Pillow releases the GIL while decoding, so threads use every core.
@@ -160,8 +240,11 @@ def _decode_cached(path, archive, split, indices, info, cache_dir):
       return np.load(cache_file, allow_pickle=False)
     except (OSError, ValueError) as e:  # A half-written cache is rebuilt.
       logging.warning("ignoring unreadable cache %s: %s", cache_file, e)
-  images = decode_jpegs(archive[f"{split}_jpeg"], archive[f"{split}_offsets"],
-                        indices, info.image_size)
+  try:
+    images = decode_jpegs(archive[f"{split}_jpeg"], archive[f"{split}_offsets"],
+                          indices, info.image_size)
+  except DataError as e:
+    raise DataError(f"{path}, {split} split: {e}") from e
   cache_dir.mkdir(parents=True, exist_ok=True)
   tmp = cache_file.with_suffix(f".tmp{os.getpid()}.npy")
   np.save(tmp, images, allow_pickle=False)
@@ -176,7 +259,7 @@ def train_indices(info: DatasetInfo, labels: np.ndarray, cfg) -> np.ndarray:
   if not info.pool_is_long_tailed:
     return long_tail.select_long_tail(labels, counts, seed=cfg.lt_seed)
   if cfg.imbalance_type != "exp" or cfg.imbalance_ratio < info.pool_rho:
-    raise ValueError(
+    raise ConfigError(
         f"the offline pool of this dataset is its rho={info.pool_rho:g} 'exp' "
         f"split: dataset.imbalance_ratio must be >= {info.pool_rho:g} and "
         "dataset.imbalance_type='exp'.")
@@ -193,19 +276,22 @@ def test_indices(labels: np.ndarray, num_classes: int, subset: int) -> np.ndarra
       [np.where(labels == c)[0][:per_class] for c in range(num_classes)]))
 
 
-def _check_labels(labels, num_classes, what):
+def _check_labels(labels, num_classes, what, source):
   if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
-    raise ValueError(
-        f"{what} labels span [{labels.min()}, {labels.max()}], outside [0, "
-        f"{num_classes}): dataset.num_classes disagrees with the data.")
+    raise DataError(
+        f"{what} labels of {source} span [{labels.min()}, {labels.max()}], outside "
+        f"[0, {num_classes}): the data holds another dataset than dataset.name "
+        "says; check dataset.name and dataset.data_file.")
 
 
 def _load_offline(path, info, cfg):
   archive = read_npz(path)
+  for split in ("train", "test"):
+    _check_split(archive, split, path)
   train_labels = archive["train_labels"].astype(np.int64)
   test_labels = archive["test_labels"].astype(np.int64)
-  _check_labels(train_labels, info.num_classes, "training")
-  _check_labels(test_labels, info.num_classes, "test")
+  _check_labels(train_labels, info.num_classes, "training", path)
+  _check_labels(test_labels, info.num_classes, "test", path)
   train_idx = train_indices(info, train_labels, cfg)
   test_idx = test_indices(test_labels, info.num_classes, cfg.test_subset)
   cache_dir = _cache_dir(cfg)
@@ -218,13 +304,16 @@ def _load_offline(path, info, cfg):
 def _load_tfds(name, info, cfg):
   """Reads a whole TFDS dataset into memory (fine for CIFAR-sized data)."""
   if info.tfds_name is None:
-    raise ValueError(f"dataset {name!r} has no TFDS source; use its offline file.")
+    raise ConfigError(f"dataset {name!r} has no TFDS source: set dataset.source="
+                      "'offline' and give its offline file.")
   try:
     import tensorflow as tf  # pylint: disable=g-import-not-at-top
     import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   except ImportError as e:
-    raise ImportError("the TFDS source needs TensorFlow and TFDS: "
-                      "pip install -e '.[tfds]'") from e
+    raise MissingDependencyError(
+        f"dataset {name!r} comes from TFDS here (no offline file was found), which "
+        "needs TensorFlow and TFDS: pip install -e '.[tfds]', or give the offline "
+        "file with dataset.data_file.") from e
   # TensorFlow must not take accelerator memory that JAX needs.
   tf.config.set_visible_devices([], "GPU")
   splits = {}
@@ -235,8 +324,8 @@ def _load_tfds(name, info, cfg):
     splits[split] = (np.concatenate([c[0] for c in chunks]).astype(np.uint8),
                      np.concatenate([c[1] for c in chunks]).astype(np.int64))
   (train_images, train_labels), (test_images, test_labels) = splits["train"], splits["test"]
-  _check_labels(train_labels, info.num_classes, "training")
-  _check_labels(test_labels, info.num_classes, "test")
+  _check_labels(train_labels, info.num_classes, "training", f"tfds:{info.tfds_name}")
+  _check_labels(test_labels, info.num_classes, "test", f"tfds:{info.tfds_name}")
   # TFDS stores CIFAR in its own shuffled order, so the same rule keeps the same
   # class counts but not the same images as on the original files.
   train_idx = train_indices(info, train_labels, cfg)
@@ -257,21 +346,31 @@ def load_dataset(cfg) -> Dataset:
     Dataset with the train prior computed once.
   """
   info = get_info(cfg.name)
+  if info.streaming:
+    raise ConfigError(f"dataset.name={cfg.name!r} is streamed from split lists, not held "
+                      "in memory: load it with lt_calib.data.pipeline.load_streaming_dataset.")
   if cfg.num_classes != info.num_classes:
-    raise ValueError(f"dataset.num_classes={cfg.num_classes} disagrees with "
-                     f"{cfg.name!r}, which has {info.num_classes} classes.")
+    raise ConfigError(f"dataset.num_classes={cfg.num_classes} disagrees with "
+                      f"{cfg.name!r}, which has {info.num_classes} classes.")
   if cfg.source not in SOURCES:
-    raise ValueError(f"dataset.source={cfg.source!r} is unknown; allowed: {SOURCES}.")
+    raise ConfigError(f"dataset.source={cfg.source!r} is unknown; allowed: {SOURCES}.")
   paths = candidate_paths(info, cfg.get("data_file", ""))
   found = next((p for p in paths if p.is_file()), None)
   if cfg.get("data_file") and found != paths[0]:
-    raise FileNotFoundError(f"dataset.data_file={cfg.data_file!r} does not exist.\n"
-                            + _missing_data_message(cfg.name, paths))
+    where = "" if str(paths[0]) == cfg.data_file else f" ({paths[0]})"
+    raise MissingDataError(
+        f"dataset.data_file={cfg.data_file!r} does not exist{where}; fix the path to "
+        f"the .npz file (format: {NPZ_FORMAT}), or set dataset.data_file='' to "
+        "search the default places.")
   if cfg.source == "offline" and found is None:
-    raise FileNotFoundError(_missing_data_message(cfg.name, paths))
+    raise MissingDataError(_missing_data_message(cfg.name, paths))
+  if cfg.source == "tfds" and info.tfds_name is None:
+    raise ConfigError(f"dataset.source='tfds': dataset {cfg.name!r} has no TFDS "
+                      "source; use dataset.source='offline' or 'auto' with its "
+                      "offline file.")
   if cfg.source == "tfds" or found is None:
     if info.tfds_name is None:
-      raise FileNotFoundError(_missing_data_message(cfg.name, paths))
+      raise MissingDataError(_missing_data_message(cfg.name, paths))
     arrays = _load_tfds(cfg.name, info, cfg)
   else:
     arrays = _load_offline(found, info, cfg)
@@ -333,8 +432,8 @@ def load_validation_split(cfg, per_class: int, seed: int = 0) -> tuple:
   paths = candidate_paths(info, cfg.get("data_file", ""))
   found = next((p for p in paths if p.is_file()), None)
   if found is None or cfg.get("source", "auto") == "tfds":
-    raise FileNotFoundError("the validation split needs the offline data file.\n"
-                            + _missing_data_message(cfg.name, paths))
+    raise MissingDataError("the validation split needs the offline data file: "
+                           + _missing_data_message(cfg.name, paths))
   archive = read_npz(found)
   labels = archive["train_labels"].astype(np.int64)
   index = validation_indices(labels, train_indices(info, labels, cfg), per_class, seed)

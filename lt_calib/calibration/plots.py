@@ -16,7 +16,7 @@ import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-imp
 import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 import scipy.stats  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-from lt_calib import metrics  # pylint: disable=g-import-not-at-top,wrong-import-position
+from lt_calib.calibration import metrics  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 ANNOTATE_MAX_CLASSES = 20
 BLOCK_ABOVE = 200   # Confusion matrices of more classes are block-summed...

@@ -29,7 +29,7 @@ Classes: the paper's y = 1..C is the library's class y - 1 (class 0 = head).
 Densities are compared with discrete frequencies by evaluating them at the
 integers 1..C and normalising over those C values (`on_classes`).
 
-  python -m lt_calib.theory --out=DIR [--classes=100 --rho=200] [--tau=-1]
+  python -m lt_calib.analysis.theory --out=DIR [--classes=100 --rho=200] [--tau=-1]
 """
 
 import csv
@@ -43,7 +43,8 @@ import jax.numpy as jnp
 import numpy as np
 from scipy import stats
 
-from lt_calib import long_tail, mixing, sampling
+from lt_calib import mixing
+from lt_calib.data import long_tail, sampling
 
 # --------------------------------------------------------------- closed forms
 
@@ -376,7 +377,7 @@ def main(argv):
 if __name__ == "__main__":
   from absl import app, flags  # pylint: disable=g-import-not-at-top,g-multiple-import
   # Flags are defined only when run as a script, so importing this module
-  # next to lt_calib.synthetic (which also has --out) cannot clash.
+  # next to lt_calib.analysis.synthetic (which also has --out) cannot clash.
   flags.DEFINE_integer("classes", None, "C; default: the grid C in {10, 100}.")
   flags.DEFINE_float("rho", None, "Imbalance ratio; default: the grid {10, 100, 200}.")
   flags.DEFINE_float("tau", -1.0, "tau of the UniMix sampler (Eq. 9).")

@@ -1,0 +1,1 @@
+"""Analysis: the closed forms of the paper's theory and the two-disc SVM experiment."""

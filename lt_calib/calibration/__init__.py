@@ -1,0 +1,1 @@
+"""Calibration: metrics, post-hoc corrections, plots and the run report."""

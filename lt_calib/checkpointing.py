@@ -1,0 +1,148 @@
+"""Checkpoints with their fingerprints, and preemption-safe stopping.
+
+A checkpoint is an Orbax composite of two items: 'state' (the TrainState:
+parameters, BatchNorm statistics, optimizer state, step) and 'meta' (JSON:
+the SHA-256 fingerprint of parameters and BatchNorm statistics, and the
+software and hardware that produced them). Orbax writes each checkpoint into
+a temporary folder and renames it when complete, so a process killed while
+saving leaves nothing that a later run would restore.
+
+Resume order: the latest complete checkpoint in `<workdir>/checkpoints`,
+else a fresh initialisation from the config's seed.
+"""
+
+import hashlib
+import os
+import signal
+
+from etils import epath
+import jax
+import jaxlib
+import numpy as np
+import orbax.checkpoint as ocp
+
+STATE, META = "state", "meta"
+
+
+def _host_value(leaf) -> np.ndarray:
+  """A leaf's value on this host (replicated arrays have a full local copy)."""
+  if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
+    return np.asarray(leaf.addressable_data(0))
+  return np.asarray(leaf)
+
+
+def fingerprint(state) -> str:
+  """SHA-256 of the parameters and BatchNorm statistics of `state`.
+
+  The leaves are hashed in the fixed order of their tree paths, each as its
+  path, dtype, shape and raw bytes, so two states have the same fingerprint
+  exactly when every leaf is bit-identical.
+
+  Args:
+    state: a TrainState (or anything with `params` and `batch_stats`).
+
+  Returns:
+    64 hexadecimal digits.
+  """
+  digest = hashlib.sha256()
+  tree = {"params": state.params, "batch_stats": state.batch_stats}
+  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    value = np.ascontiguousarray(_host_value(leaf))
+    digest.update(jax.tree_util.keystr(path).encode())
+    digest.update(f"{value.dtype.str}{value.shape}".encode())
+    digest.update(value.tobytes())
+  return digest.hexdigest()
+
+
+def environment() -> dict:
+  """The software and hardware a result depends on, for summaries and checkpoints."""
+  device = jax.devices()[0]
+  return {"jax": jax.__version__, "jaxlib": jaxlib.__version__,
+          "backend": jax.default_backend(), "device_count": jax.device_count(),
+          "device_kind": device.device_kind, "process_count": jax.process_count()}
+
+
+def make_manager(workdir, max_to_keep: int, read_only: bool = False):
+  """Orbax manager of `<workdir>/checkpoints` (local path or gs://)."""
+  directory = epath.Path(workdir) / "checkpoints"
+  if not str(directory).startswith("gs://"):
+    directory = directory.resolve()
+  options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=not read_only,
+                                         read_only=read_only)
+  return ocp.CheckpointManager(directory, options=options)
+
+
+def save(manager, step: int, state, extra_meta: dict | None = None) -> dict:
+  """Starts saving `state` at `step` with its fingerprint; returns the metadata."""
+  meta = {"step": int(step), "fingerprint": fingerprint(state), **environment(),
+          **(extra_meta or {})}
+  manager.save(int(step), args=ocp.args.Composite(**{
+      STATE: ocp.args.StandardSave(state), META: ocp.args.JsonSave(meta)}))
+  if os.environ.get("LT_CALIB_TEST_KILL_DURING_SAVE") == str(step):
+    # Test hook (tests/test_cli_runs.py): die while Orbax is still writing.
+    os.kill(os.getpid(), signal.SIGKILL)
+  return meta
+
+
+def restore(manager, step: int, target):
+  """The TrainState saved at `step`, laid out (shardings) like `target`."""
+  restored = manager.restore(int(step), args=ocp.args.Composite(**{
+      STATE: ocp.args.StandardRestore(target)}))
+  return restored[STATE]
+
+
+def read_meta(manager, step: int) -> dict:
+  """The JSON metadata saved with checkpoint `step`."""
+  return manager.restore(int(step), args=ocp.args.Composite(**{
+      META: ocp.args.JsonRestore()}))[META]
+
+
+def read_state_tree(workdir, step: int | None = None) -> tuple:
+  """(step, state as a plain nested dict of arrays) of a run's checkpoint.
+
+  For inspection and tests: no target is needed, arrays come back on the
+  default device.
+  """
+  manager = make_manager(workdir, max_to_keep=1, read_only=True)
+  step = manager.latest_step() if step is None else step
+  restored = manager.restore(step, args=ocp.args.Composite(**{
+      STATE: ocp.args.StandardRestore()}))
+  manager.close()
+  return step, restored[STATE]
+
+
+class PreemptionWatcher:
+  """Turns SIGTERM into a stop at a step boundary that every process agrees on.
+
+  With JAX's distributed runtime, its preemption sync manager catches the
+  signal and `CheckpointManager.reached_preemption(step)` answers True at the
+  same step on every host (hosts that decided alone could save different
+  steps). A single process has no one to agree with: a Python handler sets
+  a flag that the next boundary reads.
+  """
+
+  def __init__(self):
+    self._flag = False
+    self._previous = None
+    self._distributed = jax.distributed.is_initialized()
+    if not self._distributed:
+      try:
+        self._previous = signal.signal(signal.SIGTERM, self._on_signal)
+      except ValueError:  # Not the main thread: leave signals alone.
+        self._previous = None
+
+  def _on_signal(self, signum, frame):
+    del signum, frame
+    self._flag = True
+
+  def reached(self, step: int, manager) -> bool:
+    """True once a preemption was signalled; call at every boundary, all hosts."""
+    if self._distributed:
+      return manager.reached_preemption(int(step))
+    return self._flag
+
+  def close(self):
+    """Gives SIGTERM back to the handler that held it before."""
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+      self._previous = None

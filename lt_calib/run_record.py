@@ -1,0 +1,134 @@
+"""What a workdir remembers about its run, so a resume never mixes two runs.
+
+`<workdir>/config.json` holds the resolved config and `<workdir>/run.json`
+the identity of the data (file SHA-256 or TFDS name and version) and every
+config change a resume was explicitly allowed to make. Rerunning a workdir
+with another config or other data stops with the changed fields, unless
+`--allow_config_change` is given; the change is then recorded.
+"""
+
+import hashlib
+import json
+import os
+
+from etils import epath
+
+from lt_calib.errors import WorkdirError
+
+# Fields that do not change what a run computes (logging, cadence of outputs,
+# where the same data is read from: its identity is compared separately).
+BOOKKEEPING_FIELDS = (
+    "log_every_steps", "tensorboard", "keep_checkpoints", "checkpoint_every_epochs",
+    "eval_every_epochs", "eval_batch_size", "steps_per_dispatch", "dataset.source",
+    "dataset.data_file", "dataset.tfds_data_dir", "dataset.cache_dir",
+    "dataset.image_root", "dataset.split_dir")
+
+
+def flatten(tree: dict, prefix: str = "") -> dict:
+  """{'a': {'b': 1}} -> {'a.b': 1}."""
+  flat = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      flat.update(flatten(value, f"{prefix}{key}."))
+    else:
+      flat[f"{prefix}{key}"] = value
+  return flat
+
+
+def config_dict(config) -> dict:
+  """The config as plain JSON data (tuples become lists, as on disk)."""
+  return json.loads(config.to_json_best_effort())
+
+
+def config_differences(saved: dict, config, ignore=BOOKKEEPING_FIELDS) -> dict:
+  """{dotted field: [saved value, new value]} where `config` differs from `saved`."""
+  a, b = flatten(saved), flatten(config_dict(config))
+  return {k: [a.get(k), b.get(k)] for k in sorted(set(a) | set(b))
+          if k not in ignore and a.get(k) != b.get(k)}
+
+
+def file_sha256(path) -> str:
+  """SHA-256 of a file's bytes, read in 16 MiB blocks."""
+  digest = hashlib.sha256()
+  with epath.Path(path).open("rb") as f:
+    for block in iter(lambda: f.read(1 << 24), b""):
+      digest.update(block)
+  return digest.hexdigest()
+
+
+def data_identity(dataset) -> dict:
+  """What the training data is, independent of where it is read from.
+
+  Args:
+    dataset: a loaded `sources.Dataset` (source 'offline:<path>' or
+      'tfds:<name>') or a streaming dataset with its own `identity`.
+
+  Returns:
+    dict: the offline file's name and SHA-256, TFDS name and version, or the
+    streaming dataset's list hashes; plus the training class counts.
+  """
+  identity = dict(getattr(dataset, "identity", None) or {})
+  kind, _, where = dataset.source.partition(":")
+  if not identity and kind == "offline":
+    identity = {"file": os.path.basename(where), "sha256": file_sha256(where)}
+  elif not identity and kind == "tfds":
+    identity = {"tfds": where, "version": _tfds_version(where)}
+  identity["train_class_counts"] = [int(c) for c in dataset.prior.counts]
+  return identity
+
+
+def _tfds_version(name: str) -> str:
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  return str(tfds.builder(name).version)
+
+
+def _read(path) -> dict | None:
+  return json.loads(path.read_text()) if path.exists() else None
+
+
+def check(workdir, config, identity: dict, allow_change: bool) -> dict:
+  """Compares the run about to start with what `workdir` holds.
+
+  Args:
+    workdir: the run's folder (local or gs://).
+    config: the resolved config of this invocation.
+    identity: `data_identity` of this invocation's data.
+    allow_change: continue despite differences (they are returned).
+
+  Returns:
+    {dotted field: [old, new]} of the accepted changes ('data' for the data
+    identity); empty for a new workdir or an unchanged config.
+
+  Raises:
+    WorkdirError: the workdir holds another config or other data and
+      `allow_change` is False.
+  """
+  workdir = epath.Path(workdir)
+  saved_config = _read(workdir / "config.json")
+  if saved_config is None:
+    return {}
+  changes = config_differences(saved_config, config)
+  saved_run = _read(workdir / "run.json") or {}
+  if saved_run.get("data") not in (None, identity):
+    changes["data"] = [saved_run["data"], identity]
+  if changes and not allow_change:
+    shown = "; ".join(f"{k}: {v[0]!r} -> {v[1]!r}" for k, v in changes.items()
+                      if k != "data")
+    if "data" in changes:
+      shown = "; ".join(filter(None, [shown, "the training data differ"]))
+    raise WorkdirError(
+        f"workdir {workdir} holds a run of another config ({shown}); use a new "
+        "--workdir, or pass --allow_config_change to continue it with this one.")
+  return changes
+
+
+def write(workdir, config, identity: dict, changes: dict, step: int) -> dict:
+  """Saves config.json and run.json (process 0 only); returns the run record."""
+  workdir = epath.Path(workdir)
+  record = _read(workdir / "run.json") or {"config_changes": []}
+  record["data"] = identity
+  if changes:
+    record["config_changes"].append({"resumed_at_step": int(step), "changes": changes})
+  (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+  (workdir / "run.json").write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+  return record
