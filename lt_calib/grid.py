@@ -10,9 +10,29 @@ a cell whose summary.json is there is skipped, a cell with only checkpoints
 resumes, so an interrupted grid is finished by running the same command
 again. DIR/table.md and DIR/table.csv then give, per (mix, loss), the mean
 and sample std over seeds of the final-epoch top-1, many/medium/few-shot
-accuracy, ECE and NLL, grouped by loss in the layout of the paper's Table 4.
+accuracy, ECE and NLL, grouped by loss in the layout of the paper's Table 4,
+and of the best-epoch top-1 (the highest test top-1 over the run's
+evaluations: selected on the test set, as the official code reports it).
+
+Optional grid fields:
+- `mix_presets` / `loss_presets`: more named presets beside the built-in
+  ones, each a tuple of (dotted field, value) pairs, e.g.
+  `{'tau_counts': (('mix.name', 'unimix'), ('mix.tau_units', 'counts'))}`
+  (ConfigDict field names cannot hold dots, so the fields are values).
+- `pairs`: the (mix, loss) pairs to run, when not every mix needs every loss;
+  rows keep the order of `losses` then `mixes`.
+- `train`: False writes the tables from the finished cells and trains nothing
+  (a cell without a finished summary is left out; `seeds` counts the rest).
+
+Several processes may run the same grid and workdir at once (to fill a GPU
+that one small model leaves idle): each cell is trained by whichever process
+first takes its lock (an flock on DIR/<cell>/.lock, released when the process
+ends, even when killed); the others leave it out of their tables. A last run
+with `train=False` (or any run after all have finished) writes the full table.
 """
 
+import contextlib
+import fcntl
 import json
 import logging
 import math
@@ -27,7 +47,8 @@ import jax
 from ml_collections import config_flags
 import numpy as np
 
-from lt_calib import mixing, reporting, train
+from lt_calib import cli, mixing, train
+from lt_calib.errors import ConfigError
 
 FLAGS = flags.FLAGS
 
@@ -66,7 +87,10 @@ BOOKKEEPING_FIELDS = (
 # (summary key, column title, factor to the unit shown).
 METRICS = (("top1", "Top-1 (%)", 100.0), ("many_acc", "Many (%)", 100.0),
            ("medium_acc", "Medium (%)", 100.0), ("few_acc", "Few (%)", 100.0),
-           ("ece", "ECE (%)", 100.0), ("nll", "NLL", 1.0))
+           ("ece", "ECE (%)", 100.0), ("nll", "NLL", 1.0),
+           # Highest test top-1 over the evaluations (every eval_every_epochs):
+           # model selection on the test set, what the official code reports.
+           ("best_top1", "Best-epoch top-1 (%, test-set selection)", 100.0))
 
 
 class Cell(NamedTuple):
@@ -79,15 +103,69 @@ class Cell(NamedTuple):
     return f"{self.mix}__{self.loss}__seed{self.seed}"
 
 
+def _has_field(config, dotted: str) -> bool:
+  node = config
+  for name in dotted.split("."):
+    if not hasattr(node, "keys") or name not in node:
+      return False
+    node = node[name]
+  return True
+
+
+def _grid_presets(grid, field: str, builtin: Dict[str, Dict[str, Any]]) -> dict:
+  """The built-in presets plus the grid's own `field` (mix_presets/loss_presets).
+
+  Raises:
+    ConfigError: a grid preset that is not (dotted field, value) pairs, names
+      a field `grid.base` lacks, or shadows a built-in preset.
+  """
+  presets = dict(builtin)
+  for name, pairs in (grid.get(field) or {}).items():
+    if name in builtin:
+      raise ConfigError(f"grid.{field}.{name} shadows the built-in preset {name!r}; "
+                        "give it another name.")
+    overrides = {}
+    for pair in pairs:
+      if (not isinstance(pair, (tuple, list)) or len(pair) != 2
+          or not isinstance(pair[0], str)):
+        raise ConfigError(f"grid.{field}.{name} must be (dotted field, value) pairs, "
+                          f"got {pair!r}; e.g. (('mix.tau_units', 'counts'),).")
+      if not _has_field(grid.base, pair[0]):
+        raise ConfigError(f"grid.{field}.{name} sets {pair[0]!r}, which grid.base "
+                          "does not have; fix the field's name.")
+      overrides[pair[0]] = pair[1]
+    presets[name] = overrides
+  return presets
+
+
+def grid_pairs(grid) -> list:
+  """The (mix, loss) rows of the grid in table order (by loss, as Table 4).
+
+  Raises:
+    ConfigError: `grid.pairs` names a mix or loss missing from `grid.mixes` /
+      `grid.losses`.
+  """
+  rows = [(m, l) for l in grid.losses for m in grid.mixes]
+  if grid.get("pairs") is None:
+    return rows
+  wanted = [tuple(pair) for pair in grid.pairs]
+  stray = [pair for pair in wanted if pair not in rows]
+  if stray:
+    raise ConfigError(f"grid.pairs has {stray}, not in grid.mixes x grid.losses; add "
+                      "the mix/loss there or drop the pair.")
+  return [row for row in rows if row in wanted]
+
+
 def grid_cells(grid) -> list:
   """Every (mix, loss, seed) of the grid, in table order; checks the names."""
-  for kind, names, presets in (("mixes", grid.mixes, MIX_PRESETS),
-                               ("losses", grid.losses, LOSS_PRESETS)):
+  for kind, names, presets in (
+      ("mixes", grid.mixes, _grid_presets(grid, "mix_presets", MIX_PRESETS)),
+      ("losses", grid.losses, _grid_presets(grid, "loss_presets", LOSS_PRESETS))):
     unknown = [n for n in names if n not in presets]
     if unknown:
-      raise ValueError(f"grid.{kind} has unknown names {unknown}; allowed: "
-                       f"{sorted(presets)}.")
-  return [Cell(m, l, int(s)) for l in grid.losses for m in grid.mixes for s in grid.seeds]
+      raise ConfigError(f"grid.{kind} has unknown names {unknown}; allowed: "
+                        f"{sorted(presets)}.")
+  return [Cell(m, l, int(s)) for m, l in grid_pairs(grid) for s in grid.seeds]
 
 
 def _set_field(config, dotted: str, value) -> None:
@@ -103,7 +181,9 @@ def _set_field(config, dotted: str, value) -> None:
 def cell_config(grid, cell: Cell):
   """`grid.base` with the cell's mix, loss and seed applied (a new config)."""
   config = grid.base.copy_and_resolve_references()
-  overrides = {**MIX_PRESETS[cell.mix], **LOSS_PRESETS[cell.loss], "seed": cell.seed}
+  overrides = {**_grid_presets(grid, "mix_presets", MIX_PRESETS)[cell.mix],
+               **_grid_presets(grid, "loss_presets", LOSS_PRESETS)[cell.loss],
+               "seed": cell.seed}
   for dotted, value in overrides.items():
     _set_field(config, dotted, value)
   return config
@@ -163,8 +243,9 @@ def aggregate(grid, finals: Dict[tuple, list]) -> list:
   """One row per (mix, loss): mean/std of each metric and the top-1 deltas.
 
   Args:
-    grid: grid config (mixes, losses, baseline).
-    finals: (mix, loss) -> list of `summary['final']` dicts, one per seed.
+    grid: grid config (mixes, losses, pairs, baseline).
+    finals: (mix, loss) -> list of `summary['final']` dicts, one per seed,
+      with 'best_top1' added (the best-epoch top-1; None if unknown).
 
   Returns:
     list of dicts, in table order (grouped by loss as in Table 4): 'mix',
@@ -173,14 +254,13 @@ def aggregate(grid, finals: Dict[tuple, list]) -> list:
     and 'delta_baseline' (vs `grid.baseline`); None where undefined.
   """
   rows = []
-  for loss in grid.losses:
-    for mix in grid.mixes:
-      runs = finals.get((mix, loss), [])
-      row = {"mix": mix, "loss": loss, "seeds": len(runs)}
-      for key, _, unit in METRICS:
-        mean, std = _mean_std([None if r.get(key) is None else unit * r[key] for r in runs])
-        row[f"{key}_mean"], row[f"{key}_std"] = mean, std
-      rows.append(row)
+  for mix, loss in grid_pairs(grid):
+    runs = finals.get((mix, loss), [])
+    row = {"mix": mix, "loss": loss, "seeds": len(runs)}
+    for key, _, unit in METRICS:
+      mean, std = _mean_std([None if r.get(key) is None else unit * r[key] for r in runs])
+      row[f"{key}_mean"], row[f"{key}_std"] = mean, std
+    rows.append(row)
   top1 = {(r["mix"], r["loss"]): r["top1_mean"] for r in rows}
   baseline = tuple(grid.baseline)
 
@@ -222,7 +302,10 @@ def table_markdown(grid, rows: list) -> str:
       "Final-epoch test metrics, mean ± sample std over the seeds that finished "
       "(no std with one seed). Δ: top-1 minus the `none` row of the same loss "
       f"(the paper's Table 4); Δ {baseline}: minus that row. Few is '-' when no "
-      "class has fewer than 20 training images (e.g. CIFAR-10-LT at rho = 100).",
+      "class has fewer than 20 training images (e.g. CIFAR-10-LT at rho = 100). "
+      "Best-epoch top-1: the highest test top-1 over evaluations every "
+      f"{base.eval_every_epochs} epoch(s), i.e. selected on the test set as the "
+      "official code reports it; not an unbiased estimate.",
       "",
       "| Mix | Loss | " + " | ".join(
           [METRICS[0][1], "Δ", f"Δ {baseline}"] + [t for _, t, _ in METRICS[1:]])
@@ -258,14 +341,58 @@ def table_csv(rows: list) -> str:
   return "\n".join(lines) + "\n"
 
 
+def _write_atomic(path: pathlib.Path, text: str) -> None:
+  """Writes through a per-process temporary, so concurrent grids never mix."""
+  tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+  tmp.write_text(text)
+  tmp.replace(path)
+
+
+@contextlib.contextmanager
+def _cell_lock(cell_dir: pathlib.Path):
+  """Yields True while this process holds the cell's lock, False if another does.
+
+  An flock (not a marker file) so that a killed process never leaves a stale
+  lock behind.
+  """
+  cell_dir.mkdir(parents=True, exist_ok=True)
+  with open(cell_dir / ".lock", "a") as handle:
+    try:
+      fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      yield False
+      return
+    try:
+      yield True
+    finally:
+      fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def best_top1(cell_dir: pathlib.Path, summary: dict) -> float | None:
+  """Highest test top-1 of a finished cell over all its evaluations.
+
+  Read from metrics.jsonl where there is one, since a resumed run's summary
+  only knows the evaluations made after the restart.
+  """
+  values = [(summary.get("best_epoch_top1") or {}).get("top1")]
+  path = cell_dir / "metrics.jsonl"
+  if path.exists():
+    for line in path.read_text().splitlines():
+      if line.strip():
+        values.append(json.loads(line).get("top1"))
+  values = [v for v in values if v is not None]
+  return max(values) if values else None
+
+
 def run_grid(grid, workdir: str, train_fn: Callable | None = None) -> list:
   """Trains the unfinished cells, then writes table.md and table.csv.
 
   Args:
     grid: grid config.
     workdir: the grid's folder.
-    train_fn: (config, cell_workdir) -> summary; `train.train_and_evaluate`
-      by default (tests pass a stand-in).
+    train_fn: (config, cell_workdir) -> summary, or {'stopped_at_step': k,
+      ...} when SIGTERM stopped it (the grid then stops as well);
+      `train.train_and_evaluate` by default (tests pass a stand-in).
 
   Returns:
     The aggregated rows (see `aggregate`).
@@ -278,30 +405,55 @@ def run_grid(grid, workdir: str, train_fn: Callable | None = None) -> list:
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   cells = grid_cells(grid)
-  finals, failed = {}, []
+  finals, failed, missing = {}, [], []
   for number, cell in enumerate(cells, 1):
     config, cell_dir = cell_config(grid, cell), workdir / cell.name
-    if is_finished(cell_dir, config):
-      logging.info("cell %d/%d %s: finished before, skipped", number, len(cells), cell.name)
-    else:
-      logging.info("cell %d/%d %s: training", number, len(cells), cell.name)
-      start = time.time()
-      try:
-        train_fn(config, str(cell_dir))
-      except train.NonFiniteLossError as e:
-        logging.error("cell %s failed: %s", cell.name, e)
-        failed.append(cell.name)
+    if not grid.get("train", True):
+      if not is_finished(cell_dir, config):
+        missing.append(cell.name)
         continue
-      finally:
-        jax.clear_caches()  # Compiled steps of finished cells are not reused.
-      logging.info("cell %s done in %.0f s", cell.name, time.time() - start)
+    else:
+      with _cell_lock(cell_dir) as locked:
+        if not locked:
+          logging.info("cell %d/%d %s: another process trains it; left out here",
+                       number, len(cells), cell.name)
+          missing.append(cell.name)
+          continue
+        if is_finished(cell_dir, config):
+          logging.info("cell %d/%d %s: finished before, skipped", number, len(cells),
+                       cell.name)
+        else:
+          logging.info("cell %d/%d %s: training", number, len(cells), cell.name)
+          start = time.time()
+          try:
+            result = train_fn(config, str(cell_dir))
+          except train.NonFiniteLossError as e:
+            logging.error("cell %s failed: %s", cell.name, e)
+            failed.append(cell.name)
+            continue
+          finally:
+            jax.clear_caches()  # Compiled steps of finished cells are not reused.
+          if isinstance(result, dict) and "stopped_at_step" in result:
+            # SIGTERM (a time budget, a preemption): the cell checkpointed; stop
+            # the grid too, with the tables of what is finished.
+            logging.warning("cell %s stopped at step %d (%s); the grid stops here, "
+                            "rerun the same command to resume", cell.name,
+                            result["stopped_at_step"], result.get("reason"))
+            missing.extend(c.name for c in cells[number - 1:])
+            break
+          logging.info("cell %s done in %.0f s", cell.name, time.time() - start)
     summary = json.loads((cell_dir / "summary.json").read_text())
-    finals.setdefault((cell.mix, cell.loss), []).append(summary["final"])
+    finals.setdefault((cell.mix, cell.loss), []).append(
+        {**summary["final"], "best_top1": best_top1(cell_dir, summary)})
   rows = aggregate(grid, finals)
-  (workdir / "table.md").write_text(table_markdown(grid, rows))
-  (workdir / "table.csv").write_text(table_csv(rows))
-  reporting.write_json(workdir / "grid.json", {
-      "grid": json.loads(grid.to_json_best_effort()), "failed_cells": failed})
+  _write_atomic(workdir / "table.md", table_markdown(grid, rows))
+  _write_atomic(workdir / "table.csv", table_csv(rows))
+  _write_atomic(workdir / "grid.json", json.dumps({
+      "grid": json.loads(grid.to_json_best_effort()), "failed_cells": failed,
+      "missing_cells": missing}, indent=2, sort_keys=True) + "\n")
+  if missing:
+    logging.info("left out of the tables (not finished, or trained elsewhere): %s",
+                 missing)
   logging.info("wrote %s and table.csv", workdir / "table.md")
   if failed:
     raise RuntimeError(f"cells {failed} stopped on a non-finite loss; the tables "
@@ -330,4 +482,4 @@ def main(argv):
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  cli.run(main)
