@@ -21,14 +21,9 @@ import jaxlib
 import numpy as np
 import orbax.checkpoint as ocp
 
+from lt_calib import feeding
+
 STATE, META = "state", "meta"
-
-
-def _host_value(leaf) -> np.ndarray:
-  """A leaf's value on this host (replicated arrays have a full local copy)."""
-  if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
-    return np.asarray(leaf.addressable_data(0))
-  return np.asarray(leaf)
 
 
 def fingerprint(state) -> str:
@@ -47,7 +42,7 @@ def fingerprint(state) -> str:
   digest = hashlib.sha256()
   tree = {"params": state.params, "batch_stats": state.batch_stats}
   for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-    value = np.ascontiguousarray(_host_value(leaf))
+    value = np.ascontiguousarray(feeding.local_value(leaf))
     digest.update(jax.tree_util.keystr(path).encode())
     digest.update(f"{value.dtype.str}{value.shape}".encode())
     digest.update(value.tobytes())

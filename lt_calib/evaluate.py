@@ -94,8 +94,8 @@ def load_run(workdir, checkpoint: Optional[int] = None, test_subset: int = 0) ->
   tx, _ = steps.make_optimizer(config, len(dataset.train_labels) // config.batch_size)
   mesh = train.make_mesh()
   replicated = NamedSharding(mesh, P())
-  state = jax.device_put(steps.create_train_state(
-      jax.random.key(0), model, dataset.train_images.shape[1:], tx), replicated)
+  state = feeding.replicate(steps.create_train_state(
+      jax.random.key(0), model, dataset.train_images.shape[1:], tx), mesh)
   manager = checkpointing.make_manager(workdir, max_to_keep=1, read_only=True)
   step = manager.latest_step() if checkpoint is None else checkpoint
   if step is None or step not in manager.all_steps():

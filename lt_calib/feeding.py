@@ -18,6 +18,32 @@ import numpy as np
 from lt_calib.errors import ConfigError
 
 
+def replicate(tree, mesh):
+  """Puts a pytree, identical on every process, on every device of the mesh.
+
+  `jax.device_put` cannot target devices of other processes; each process
+  instead builds its own shards of the global (replicated) array from its
+  copy. Typed PRNG keys travel as their key data.
+  """
+  sharding = NamedSharding(mesh, P())
+
+  def put(x):
+    if isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+      return jax.random.wrap_key_data(put(jax.random.key_data(x)),
+                                      impl=jax.random.key_impl(x))
+    x = local_value(x)
+    return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
+  return jax.tree.map(put, tree)
+
+
+def local_value(x) -> np.ndarray:
+  """The value of an array on this host (a replicated array's local copy)."""
+  if isinstance(x, jax.Array) and not x.is_fully_addressable:
+    return np.asarray(x.addressable_data(0))
+  return np.asarray(x)
+
+
 def process_rows(mesh, global_batch: int) -> slice:
   """The rows of a global batch that this process's devices hold.
 
@@ -114,8 +140,7 @@ def gather_logits(eval_fn, state, batches: Iterator[dict], num_examples: int, me
     images, index = to_global((batch["image"], batch["index"].astype(np.int32)), mesh,
                               global_batch)
     logits, index = eval_fn(state, images, index)
-    logits = np.asarray(logits.addressable_data(0), np.float32)
-    index = np.asarray(index.addressable_data(0))
+    logits, index = local_value(logits).astype(np.float32), local_value(index)
     if logits_out is None:
       logits_out = np.zeros((num_examples, logits.shape[-1]), np.float32)
     valid = index >= 0

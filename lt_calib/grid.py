@@ -21,6 +21,10 @@ Optional grid fields:
   (ConfigDict field names cannot hold dots, so the fields are values).
 - `pairs`: the (mix, loss) pairs to run, when not every mix needs every loss;
   rows keep the order of `losses` then `mixes`.
+- `seeds_in_one_program`: True trains the seeds of each (mix, loss) row as K
+  runs of one program (`jax.vmap`, lt_calib/population.py), each ending in its
+  own cell folder as if trained alone; 'auto' (default) does so on GPU/TPU,
+  where one small model leaves the device idle, not on a CPU.
 - `train`: False writes the tables from the finished cells and trains nothing
   (a cell without a finished summary is left out; `seeds` counts the rest).
 
@@ -47,7 +51,7 @@ import jax
 from ml_collections import config_flags
 import numpy as np
 
-from lt_calib import cli, mixing, train
+from lt_calib import cli, mixing, population, train
 from lt_calib.errors import ConfigError
 
 FLAGS = flags.FLAGS
@@ -384,6 +388,49 @@ def best_top1(cell_dir: pathlib.Path, summary: dict) -> float | None:
   return max(values) if values else None
 
 
+def seeds_in_one_program(grid) -> bool:
+  """`grid.seeds_in_one_program`: True, False or 'auto' (= on accelerators).
+
+  On a CPU, K vmapped runs take K times as long as one: nothing is gained.
+  """
+  value = grid.get("seeds_in_one_program", "auto")
+  return jax.default_backend() != "cpu" if value == "auto" else bool(value)
+
+
+def train_seed_groups(grid, workdir: pathlib.Path, cells: list) -> bool:
+  """Trains the unfinished seeds of each (mix, loss) row as one program.
+
+  Each member's outputs land in its own cell folder (population.py), so the
+  per-cell pass that follows finds them finished. Rows with one unfinished
+  seed are left to that pass. Cells another process holds are left out.
+
+  Returns:
+    True if SIGTERM stopped a group (the grid stops too).
+  """
+  rows = {}
+  for cell in cells:
+    rows.setdefault((cell.mix, cell.loss), []).append(cell)
+  for (mix, loss), row in rows.items():
+    with contextlib.ExitStack() as stack:
+      todo = [c for c in row if stack.enter_context(_cell_lock(workdir / c.name))
+              and not is_finished(workdir / c.name, cell_config(grid, c))]
+      if len(todo) < 2:
+        continue
+      logging.info("row %s + %s: seeds %s in one program", mix, loss,
+                   [c.seed for c in todo])
+      try:
+        results = population.train_population(
+            [cell_config(grid, c) for c in todo], [str(workdir / c.name) for c in todo],
+            str(workdir / f"{mix}__{loss}__seeds_" + "_".join(str(c.seed) for c in todo)))
+      finally:
+        jax.clear_caches()
+      if "stopped_at_step" in results[0]:
+        logging.warning("row %s + %s stopped at step %d; rerun the same command to "
+                        "resume", mix, loss, results[0]["stopped_at_step"])
+        return True
+  return False
+
+
 def run_grid(grid, workdir: str, train_fn: Callable | None = None) -> list:
   """Trains the unfinished cells, then writes table.md and table.csv.
 
@@ -406,9 +453,12 @@ def run_grid(grid, workdir: str, train_fn: Callable | None = None) -> list:
   workdir.mkdir(parents=True, exist_ok=True)
   cells = grid_cells(grid)
   finals, failed, missing = {}, [], []
+  training = grid.get("train", True)
+  if training and train_fn is None and seeds_in_one_program(grid):
+    training = not train_seed_groups(grid, workdir, cells)
   for number, cell in enumerate(cells, 1):
     config, cell_dir = cell_config(grid, cell), workdir / cell.name
-    if not grid.get("train", True):
+    if not training:
       if not is_finished(cell_dir, config):
         missing.append(cell.name)
         continue

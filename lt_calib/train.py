@@ -175,9 +175,8 @@ def build(config, dataset, mesh) -> Setup:
       steps.eval_step(state, images, mean, std), index), out_shardings=replicated)
   arrays = (step_cfg, run_keys) if streaming else (
       dataset.train_images, dataset.train_labels, step_cfg, run_keys)
-  arrays = jax.device_put(arrays, replicated)
-  return Setup(update, run_chunk, eval_fn, jax.device_put(state, replicated), arrays,
-               step_cfg, streaming)
+  return Setup(update, run_chunk, eval_fn, feeding.replicate(state, mesh),
+               feeding.replicate(arrays, mesh), step_cfg, streaming)
 
 
 @dataclasses.dataclass
@@ -213,7 +212,7 @@ def advance(run: Run, num_steps: int) -> dict:
   setup = run.setup
   if setup.run_chunk is not None:
     run.state, buffer = setup.run_chunk(run.state, jnp.int32(num_steps), *setup.arrays)
-    return {k: np.asarray(v)[:num_steps] for k, v in jax.device_get(buffer).items()}
+    return {k: feeding.local_value(v)[:num_steps] for k, v in buffer.items()}
   history = []
   for _ in range(num_steps):  # Dispatches run ahead; nothing blocks until the end.
     if setup.streaming:
@@ -222,8 +221,7 @@ def advance(run: Run, num_steps: int) -> dict:
     else:
       run.state, stats = setup.update(run.state, *setup.arrays)
     history.append(stats)
-  history = jax.device_get(history)
-  return {k: np.asarray([s[k] for s in history]) for k in history[0]}
+  return {k: np.stack([feeding.local_value(s[k]) for s in history]) for k in history[0]}
 
 
 def next_boundary(done: int, run: Run, stop_at_step: int | None) -> int:
@@ -384,7 +382,7 @@ def prepare(config, workdir, allow_config_change: bool) -> Run:
     # `lt_calib.check` to catch.
     state = state.replace(params=jax.tree.map(
         lambda p: p + jnp.asarray(time.time_ns() % 997 * 1e-9, p.dtype), state.params))
-  start_step = int(jax.device_get(state.step))
+  start_step = int(feeding.local_value(state.step))
   is_main = distributed.is_main_process()
   record = run_record.write(workdir, config, identity, changes, start_step) if is_main else {}
   run = Run(config=config, workdir=workdir, dataset=dataset, setup=setup, mesh=mesh,
@@ -480,7 +478,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     run.writer.flush()
   if outcome != "finished":
     run.manager.close()
-    return {"stopped_at_step": int(jax.device_get(run.state.step)), "reason": outcome}
+    return {"stopped_at_step": int(feeding.local_value(run.state.step)), "reason": outcome}
   if run.final_logits is None or run.evaluations[-1]["step"] != run.total_steps:
     if run.evaluations and run.evaluations[-1]["step"] == run.total_steps:
       # Resumed after the last evaluation: redo it for the logits of the report.
