@@ -182,6 +182,8 @@ def device_environments() -> tuple:
 
 
 def main(argv):
+  del argv
+  cli.quiet_libraries()
   modes = list(FLAGS.mode)
   unknown = sorted(set(modes) - set(MODES))
   if unknown:

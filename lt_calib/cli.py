@@ -24,6 +24,7 @@ from typing import Callable, List, NoReturn, Optional
 
 from absl import app
 from absl import flags
+from absl import logging as absl_logging
 # The implementation module: the package does not re-export is_config_flag.
 from ml_collections.config_flags import config_flags as ml_config_flags
 
@@ -197,6 +198,16 @@ def check_workdir(path: str) -> None:
         raise WorkdirError(f"--workdir={path} cannot be created: {parent} is a file, "
                            "not a folder.")
       break
+
+
+def quiet_libraries() -> None:
+  """Keeps library INFO logs (Orbax, JAX) off the console unless --verbosity asks.
+
+  The entry points print what a user needs themselves; --verbosity=0 (INFO)
+  or higher brings the libraries' logs back.
+  """
+  if not FLAGS["verbosity"].present:
+    absl_logging.set_verbosity(absl_logging.WARNING)
 
 
 def run(main: Callable[[List[str]], Optional[int]]) -> None:

@@ -38,7 +38,6 @@ with `train=False` (or any run after all have finished) writes the full table.
 import contextlib
 import fcntl
 import json
-import logging
 import math
 import os
 import pathlib
@@ -388,6 +387,11 @@ def best_top1(cell_dir: pathlib.Path, summary: dict) -> float | None:
   return max(values) if values else None
 
 
+def say(message: str, *args) -> None:
+  """A grid progress line on stdout (library INFO logs stay hidden)."""
+  print(message % args if args else message, flush=True)
+
+
 def seeds_in_one_program(grid) -> bool:
   """`grid.seeds_in_one_program`: True, False or 'auto' (= on accelerators).
 
@@ -416,7 +420,7 @@ def train_seed_groups(grid, workdir: pathlib.Path, cells: list) -> bool:
               and not is_finished(workdir / c.name, cell_config(grid, c))]
       if len(todo) < 2:
         continue
-      logging.info("row %s + %s: seeds %s in one program", mix, loss,
+      say("row %s + %s: seeds %s in one program", mix, loss,
                    [c.seed for c in todo])
       try:
         results = population.train_population(
@@ -425,7 +429,7 @@ def train_seed_groups(grid, workdir: pathlib.Path, cells: list) -> bool:
       finally:
         jax.clear_caches()
       if "stopped_at_step" in results[0]:
-        logging.warning("row %s + %s stopped at step %d; rerun the same command to "
+        say("row %s + %s stopped at step %d; rerun the same command to "
                         "resume", mix, loss, results[0]["stopped_at_step"])
         return True
   return False
@@ -465,20 +469,20 @@ def run_grid(grid, workdir: str, train_fn: Callable | None = None) -> list:
     else:
       with _cell_lock(cell_dir) as locked:
         if not locked:
-          logging.info("cell %d/%d %s: another process trains it; left out here",
+          say("cell %d/%d %s: another process trains it; left out here",
                        number, len(cells), cell.name)
           missing.append(cell.name)
           continue
         if is_finished(cell_dir, config):
-          logging.info("cell %d/%d %s: finished before, skipped", number, len(cells),
+          say("cell %d/%d %s: finished before, skipped", number, len(cells),
                        cell.name)
         else:
-          logging.info("cell %d/%d %s: training", number, len(cells), cell.name)
+          say("cell %d/%d %s: training", number, len(cells), cell.name)
           start = time.time()
           try:
             result = train_fn(config, str(cell_dir))
           except train.NonFiniteLossError as e:
-            logging.error("cell %s failed: %s", cell.name, e)
+            say("cell %s failed: %s", cell.name, e)
             failed.append(cell.name)
             continue
           finally:
@@ -486,12 +490,12 @@ def run_grid(grid, workdir: str, train_fn: Callable | None = None) -> list:
           if isinstance(result, dict) and "stopped_at_step" in result:
             # SIGTERM (a time budget, a preemption): the cell checkpointed; stop
             # the grid too, with the tables of what is finished.
-            logging.warning("cell %s stopped at step %d (%s); the grid stops here, "
+            say("cell %s stopped at step %d (%s); the grid stops here, "
                             "rerun the same command to resume", cell.name,
                             result["stopped_at_step"], result.get("reason"))
             missing.extend(c.name for c in cells[number - 1:])
             break
-          logging.info("cell %s done in %.0f s", cell.name, time.time() - start)
+          say("cell %s done in %.0f s", cell.name, time.time() - start)
     summary = json.loads((cell_dir / "summary.json").read_text())
     finals.setdefault((cell.mix, cell.loss), []).append(
         {**summary["final"], "best_top1": best_top1(cell_dir, summary)})
@@ -502,9 +506,9 @@ def run_grid(grid, workdir: str, train_fn: Callable | None = None) -> list:
       "grid": json.loads(grid.to_json_best_effort()), "failed_cells": failed,
       "missing_cells": missing}, indent=2, sort_keys=True) + "\n")
   if missing:
-    logging.info("left out of the tables (not finished, or trained elsewhere): %s",
+    say("left out of the tables (not finished, or trained elsewhere): %s",
                  missing)
-  logging.info("wrote %s and table.csv", workdir / "table.md")
+  say("wrote %s and table.csv", workdir / "table.md")
   if failed:
     raise RuntimeError(f"cells {failed} stopped on a non-finite loss; the tables "
                        "leave them out.")
@@ -522,6 +526,7 @@ def define_flags():
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  cli.quiet_libraries()
   if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
     # Cells that differ only in the seed compile to the same programs; the
     # persistent cache lets every seed after the first skip compilation.

@@ -12,7 +12,6 @@ import sys
 
 from absl import app
 from absl import flags
-from absl import logging
 from ml_collections import config_flags
 
 from lt_calib import cli
@@ -39,13 +38,13 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   cli.check_workdir(FLAGS.workdir)  # Before JAX loads: a bad path fails at once.
-  if not FLAGS["verbosity"].present:
-    # Library INFO lines (Orbax, JAX) stay out of the console unless asked
-    # for with --verbosity=0 (INFO) or higher.
-    logging.set_verbosity(logging.WARNING)
+  cli.quiet_libraries()
   # TensorFlow (TFDS, tf.data, TensorBoard) is imported only by some sources
   # and writers; keep its C++ start-up notices off the console when it is.
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+  # TensorFlow announces its oneDNN kernels even then; tf.data's decode and
+  # resize do not use them.
+  os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
   # Imported here so that --help and flag errors answer before JAX loads.
   from lt_calib import distributed, train  # pylint: disable=g-import-not-at-top
   distributed.initialize(FLAGS.distributed, FLAGS.coordinator_address,
