@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lt_calib import checkpointing, population, train
+from lt_calib import data as data_lib
 from tests.conftest import tiny_config
 from tests.test_methods import synthetic_config, synthetic_dataset
 
@@ -50,19 +51,25 @@ def test_compiled_chunk_equals_the_step_loop():
   np.testing.assert_array_equal(np.asarray(rest["loss"])[:4], np.asarray(buffer["loss"])[2:])
 
 
-def test_vmapped_runs_equal_their_separate_runs(tmp_path, cifar10_file):
-  configs = [tiny_config(num_epochs=1, seed=seed) for seed in (0, 1, 2)]
+def test_vmapped_runs_equal_their_separate_runs(tmp_path, monkeypatch):
+  # The separable synthetic set keeps this fast: XLA:CPU runs vmapped
+  # convolutions (one kernel per member) several times slower than K single
+  # ones, so the real :smoke data would take minutes here.
+  dataset = synthetic_dataset()
+  monkeypatch.setattr(data_lib, "load", lambda cfg: dataset)
+  configs = [synthetic_config(seed=seed, num_epochs=2, eval_every_epochs=1)
+             for seed in (0, 1, 2)]
   assert population.can_share_program(configs)
   alone = [train.train_and_evaluate(c, str(tmp_path / f"alone{c.seed}")) for c in configs]
   together = population.train_population(
       configs, [str(tmp_path / f"member{c.seed}") for c in configs], str(tmp_path / "group"))
   for k, (single, member) in enumerate(zip(alone, together)):
     for key in ("top1", "nll", "ece", "mean_class_acc"):
-      np.testing.assert_allclose(member["final"][key], single["final"][key], rtol=2e-3,
-                                 atol=5e-3, err_msg=f"member {k} {key}")
+      np.testing.assert_allclose(member["final"][key], single["final"][key], rtol=1e-3,
+                                 atol=1e-3, err_msg=f"member {k} {key}")
     _, a = checkpointing.read_state_tree(tmp_path / f"alone{k}")
     _, b = checkpointing.read_state_tree(tmp_path / f"member{k}")
-    trees_close(b["params"], a["params"], rtol=2e-2, atol=2e-3)
+    trees_close(b["params"], a["params"], rtol=1e-3, atol=1e-4)
     files = {p.name for p in (tmp_path / f"member{k}").iterdir()}
     assert {"summary.json", "metrics.jsonl", "train_metrics.jsonl", "config.json",
             "run.json", "checkpoints"} <= files
@@ -70,7 +77,9 @@ def test_vmapped_runs_equal_their_separate_runs(tmp_path, cifar10_file):
               (tmp_path / f"member{k}" / "train_metrics.jsonl").read_text().splitlines()]
     expected = [json.loads(l)["loss"] for l in
                 (tmp_path / f"alone{k}" / "train_metrics.jsonl").read_text().splitlines()]
-    np.testing.assert_allclose(losses, expected, rtol=2e-3)
+    np.testing.assert_allclose(losses, expected, rtol=1e-4)
+    assert [r["epoch"] for r in map(json.loads, (tmp_path / f"member{k}" / "metrics.jsonl")
+                                    .read_text().splitlines())] == [1, 2]
   assert len({m["fingerprint"] for m in together}) == 3  # Three different models.
 
 
