@@ -34,9 +34,6 @@ def get_config(arg: str = ""):
   config.model.update(dict(name="resnet_imagenet", depth=18, width=64, dtype="float32"))
   if arg == "smoke":
     config.dataset.imbalance_ratio = 100.0  # The smaller split: 42 steps an epoch.
-    # Measured on 2 CPU cores at 64 px: 30 images/s with multi-step dispatch
-    # (steps_per_dispatch=0), ~500 with one step per dispatch.
-    config.steps_per_dispatch = 1
     config.model.depth, config.model.width = 10, 8
     config.batch_size, config.num_epochs = 512, 2
     config.mix.stop_epoch = 1
