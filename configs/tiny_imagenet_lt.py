@@ -14,8 +14,8 @@ the paper's small-scale protocol (App. C.1), as for CIFAR-100-LT:
 | rho | 10 (`''` / `:rho10`) or 100 (`:rho100`) | the two ratios the paper reports for calibration (Table 2) |
 
 Variant `:smoke`: ResNet-10 width 8 on the rho = 100 split (21,549 images),
-2 epochs of batch 512 (84 steps), 1,000 test images, one step per dispatch;
-a CPU end-to-end check (300-500 images/s on 2 shared cores, ~2-3 min).
+2 epochs of batch 512 (84 steps), 1,000 test images; a CPU end-to-end check
+(300-500 images/s on 2 shared cores, ~2-3 min).
 """
 
 from configs import common
