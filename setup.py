@@ -9,8 +9,10 @@ CORE = [
     "orbax-checkpoint>=0.11",
     "ml-collections>=0.1.1",
     "absl-py",
+    "etils[epath]",          # Paths that may be gs:// (workdirs, data).
     "numpy>=1.24",
     "pillow>=10",
+    "tqdm",                  # The progress bar on a terminal.
 ]
 
 EXTRAS = {

@@ -64,9 +64,9 @@ export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-$PWD/$RUNS/compila
 if [ -z "${PYTHON:-}" ]; then
   if [ -x .venv/bin/python ]; then PYTHON=.venv/bin/python; else PYTHON=python3; fi
 fi
-if ! $PYTHON -c "import ml_collections" 2>/dev/null; then
+if ! $PYTHON -c "import ml_collections, tqdm" 2>/dev/null; then
   if ! ls .whl/*.whl >/dev/null 2>&1; then
-    echo "$PYTHON lacks ml_collections and .whl/ holds no wheel to install; see docs/results.md"
+    echo "$PYTHON lacks ml_collections or tqdm and .whl/ holds no wheel to install; see docs/results.md"
     exit 1
   fi
   $PYTHON -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl || exit 1
