@@ -20,6 +20,7 @@ from scipy import stats
 
 from lt_calib.data import fake, lists, pipeline, sampling
 from lt_calib.errors import ConfigError, DataError, MissingDataError
+from tests.test_lists import mock_gcs
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 SIZE = 24  # Output side of the test pipelines.
@@ -328,6 +329,90 @@ def test_undecodable_jpeg_names_the_file(tmp_path, split):
   assert "\n" not in message and "{{" not in message
 
 
+# gs:// data. etils' mock_epath serves the lists and existence checks from a
+# local folder, but tf.io.read_file reads gs:// with TensorFlow's own
+# Cloud Storage client, not through epath: these tests map gs://bucket to the
+# folder inside FileReader.read instead, so what is tested is everything up to
+# and after the read (keys, no up-front scan, the read-time error conversion).
+
+def gcs_set(tmp_path):
+  """8 images (small_set's layout) in tmp_path/bucket/data, configured as gs://bucket/data."""
+  local = tmp_path / "bucket" / "data"
+  rng = np.random.default_rng(0)
+  cfg = image_list_set(local, {f"c{k % 2}/img{k}.JPEG": rng.integers(0, 255, (20, 30, 3),
+                                                                      dtype=np.uint8)
+                               for k in range(8)})
+  cfg.image_root = cfg.split_dir = "gs://bucket/data"
+  return local, cfg
+
+
+@pytest.fixture
+def read_gs_locally(tmp_path, monkeypatch):
+  """FileReader.read with gs://bucket mapped to tmp_path/bucket."""
+  tf = pipeline._tf()
+
+  def read(self, key):
+    del self
+    return tf.io.read_file(tf.strings.regex_replace(key, "^gs://bucket",
+                                                    str(tmp_path / "bucket")))
+
+  monkeypatch.setattr(pipeline.FileReader, "read", read)
+
+
+def test_gs_dataset_reads_what_the_local_one_does(tmp_path, read_gs_locally):
+  local, cfg = gcs_set(tmp_path)
+  from_local = pipeline.load_streaming_dataset(
+      config(local, name="image_list", num_classes=2, train_list="train.txt",
+             test_list="test.txt"))
+  with mock_gcs(tmp_path / "bucket") as asked:
+    from_gs = pipeline.load_streaming_dataset(cfg)
+  # The lists and the root are asked about, no image (all 8 would be checked
+  # up front in a local folder).
+  assert not [p for p in asked if p.endswith(".JPEG")]
+  assert "gs://bucket/data" in asked and "gs://bucket/data/train.txt" in asked
+  rel = [f"c{k % 2}/img{k}.JPEG" for k in range(8)]
+  assert from_gs.train_reader.keys(np.arange(8)).tolist() == [
+      f"gs://bucket/data/{r}".encode() for r in rel]
+  assert from_gs.source == "lists:gs://bucket/data images:gs://bucket/data"
+  assert from_gs.identity == from_local.identity  # Same names and SHA-256.
+  same_batches(from_gs, from_local, 2)
+
+
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_missing_gs_image_stops_at_read_time_naming_it(tmp_path, read_gs_locally, split):
+  local, cfg = gcs_set(tmp_path)
+  os.remove(local / "c1" / "img3.JPEG")
+  with mock_gcs(tmp_path / "bucket"):
+    data = pipeline.load_streaming_dataset(cfg)  # No up-front check on gs://.
+    with pytest.raises(MissingDataError) as error:
+      if split == "train":
+        take(data.train_batches(seed=0, start_step=0, global_batch=8,
+                                main_log_class_probs=None, partner_log_class_probs=None), 1)
+      else:
+        list(data.eval_batches(global_batch=4))
+  message = str(error.value)
+  assert (f"gs://bucket/data/{split}.txt line 4 (c1/img3.JPEG): image "
+          "gs://bucket/data/c1/img3.JPEG does not exist") in message
+  assert "\n" not in message
+
+
+def test_unreadable_gs_image_names_it(tmp_path, read_gs_locally):
+  # The existence check itself fails (e.g. no credentials): the read error
+  # names the image and its list line instead.
+  local, cfg = gcs_set(tmp_path)
+  os.remove(local / "c1" / "img3.JPEG")
+  with mock_gcs(tmp_path / "bucket"):
+    data = pipeline.load_streaming_dataset(cfg)
+  with mock_gcs(tmp_path / "bucket", fail=PermissionError("403")):
+    with pytest.raises(DataError) as error:
+      take(data.train_batches(seed=0, start_step=0, global_batch=8,
+                              main_log_class_probs=None, partner_log_class_probs=None), 1)
+  message = str(error.value)
+  assert message.startswith("cannot read image gs://bucket/data/c1/img3.JPEG "
+                            "(train.txt line 4): ")
+  assert "\n" not in message and "{{" not in message
+
+
 def test_batch_and_seed_errors(dataset):
   with pytest.raises(ConfigError, match="multiple of the 3 processes"):
     dataset.train_batches(seed=0, start_step=0, global_batch=16, main_log_class_probs=None,
@@ -450,6 +535,8 @@ def test_tfds_inat2018_matches_ids_by_list_role(tmp_path):
 
 
 def test_imports_and_list_loading_need_no_tensorflow(fake_root):
+  # As if TensorFlow were not installed: None in sys.modules makes `import`
+  # fail and importlib.util.find_spec (which etils.epath asks) answer None.
   code = f"""
 import sys
 class Block:
@@ -457,6 +544,7 @@ class Block:
     if name.split('.')[0] in ('tensorflow', 'tensorflow_datasets'):
       raise ImportError('no ' + name)
 sys.meta_path.insert(0, Block())
+sys.modules['tensorflow'] = sys.modules['tensorflow_datasets'] = None
 import ml_collections
 import lt_calib.data, lt_calib.data.sources, lt_calib.data.lists, lt_calib.data.fake
 from lt_calib.data import pipeline
@@ -469,7 +557,7 @@ try:
   data.eval_batches(global_batch=4)
 except MissingDependencyError as e:
   print('needs tf:', e)
-assert not [m for m in sys.modules if m.startswith('tensorflow')]
+assert not [m for m, v in sys.modules.items() if m.startswith('tensorflow') and v]
 print('ok', len(data.train_labels))
 """
   result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,

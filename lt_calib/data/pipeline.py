@@ -34,7 +34,6 @@ import dataclasses
 import functools
 import itertools
 import os
-import pathlib
 import re
 from typing import Iterator, NamedTuple, Optional
 
@@ -323,13 +322,21 @@ def eval_image(data, image_size: int):
 # ---------------------------------------------------------------------------
 
 class FileReader:
-  """Reads the images of one list from an image folder."""
+  """Reads the images of one list from an image folder.
+
+  Args:
+    image_list: the list.
+    image_root: the folder its paths are relative to: local, or a gs:// (any
+      etils.epath) path, which tf.io.read_file reads natively.
+  """
 
   key_dtype = "string"
 
-  def __init__(self, image_list: lists.ImageList, image_root: pathlib.Path):
+  def __init__(self, image_list: lists.ImageList, image_root):
     self.image_list = image_list
+    # Keys are full paths as bytes (os.path.join keeps 'gs://' intact).
     self.root = os.fsencode(image_root)
+    self.remote = lists.is_remote(image_root)
 
   def keys(self, rows: np.ndarray) -> np.ndarray:
     """Full paths of the rows, as bytes."""
@@ -342,7 +349,16 @@ class FileReader:
   def missing(self, row: int) -> Optional[Exception]:
     """A MissingDataError if the image of `row` does not exist, else None."""
     path = os.path.join(self.root, self.image_list.rel_paths[row])
-    if os.path.isfile(path):
+    if self.remote:
+      # Asked only after a batch failed: one request for this row, not one per
+      # image up front. If it cannot be asked, the read error names the file.
+      try:
+        exists = lists.as_path(os.fsdecode(path)).exists()
+      except Exception:  # pylint: disable=broad-except
+        return None
+    else:
+      exists = os.path.isfile(path)
+    if exists:
       return None
     return MissingDataError(f"{self.image_list.where(row)}: image "
                             f"{os.fsdecode(path)} does not exist; check dataset.image_root.")
@@ -378,8 +394,14 @@ def _first_problem(reader, rows, decode_fn) -> Optional[Exception]:
     missing = reader.missing(row)
     if missing is not None:
       return missing
+    try:  # Reading apart from decoding: a gs:// permission error is no bad JPEG.
+      data = reader.read(tf.constant(reader.keys(np.array([row]))[0]))
+    except tf.errors.OpError as e:
+      cause = _op_message(e).rstrip(".")
+      return DataError(f"cannot read image {reader.describe(row)}: {cause}. Check "
+                       "dataset.image_root and that this host may read it.")
     try:
-      decode_fn(reader.read(tf.constant(reader.keys(np.array([row]))[0])))
+      decode_fn(data)
     except (tf.errors.OpError, ValueError) as e:
       return DataError(f"cannot decode image {reader.describe(row)}: {_op_message(e)} "
                        "Replace the file or remove its line from the list.")
@@ -609,7 +631,11 @@ def _train_check(data, *, seed, size):
 # ---------------------------------------------------------------------------
 
 def _file_readers(cfg, files, train_list, eval_lists):
-  """FileReaders over dataset.image_root; small lists checked for existence now."""
+  """FileReaders over dataset.image_root; small lists checked for existence now.
+
+  A remote root (gs://) is only checked to exist: its images are checked when
+  read (see lists.check_paths_exist).
+  """
   root = lists.require_image_root(cfg, files.layout)
   for image_list in [train_list, *eval_lists.values()]:
     if len(image_list) <= lists.EXISTENCE_CHECK_MAX_LINES:
@@ -625,7 +651,7 @@ def _load_lists(files: lists.ListFiles, smoothing: float):
     lists.check_no_empty_class(train_list, files.num_classes)
   eval_lists, missing = {}, {}
   for split, path in files.evals.items():
-    if split == "test" or path.is_file():  # Only the test list is required.
+    if split == "test" or lists.list_exists(path):  # Only the test list is required.
       eval_lists[split] = lists.load_list(path, files.layout, files.num_classes)
     else:
       missing[split] = lists.missing_list_message(path, files.layout)
