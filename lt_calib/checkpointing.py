@@ -57,13 +57,18 @@ def environment() -> dict:
           "device_kind": device.device_kind, "process_count": jax.process_count()}
 
 
-def make_manager(workdir, max_to_keep: int, read_only: bool = False):
-  """Orbax manager of `<workdir>/checkpoints` (local path or gs://)."""
+def make_manager(workdir, max_to_keep: int | None, read_only: bool = False):
+  """Orbax manager of `<workdir>/checkpoints` (local path or gs://).
+
+  `read_only` managers only restore: they create nothing and delete nothing
+  (no max_to_keep). Orbax's own read_only option is not used because it
+  logs three warnings per manager.
+  """
   directory = epath.Path(workdir) / "checkpoints"
   if not str(directory).startswith("gs://"):
     directory = directory.resolve()
-  options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=not read_only,
-                                         read_only=read_only)
+  options = ocp.CheckpointManagerOptions(
+      max_to_keep=None if read_only else max_to_keep, create=not read_only)
   return ocp.CheckpointManager(directory, options=options)
 
 
