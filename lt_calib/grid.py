@@ -50,8 +50,8 @@ import jax
 from ml_collections import config_flags
 import numpy as np
 
-from lt_calib import cli, mixing, population, train
-from lt_calib.errors import ConfigError
+from lt_calib import cli, mixing, population, reporting, run_record, train
+from lt_calib.errors import ConfigError, WorkdirError
 
 FLAGS = flags.FLAGS
 
@@ -80,12 +80,6 @@ MIX_PRESETS: Dict[str, Dict[str, Any]] = {
     "sqrt_resample": {"mix.name": "none", "sampler.name": "square_root"},
 }
 
-# Fields that do not change what a cell computes; a finished cell is still
-# reused when only these differ.
-BOOKKEEPING_FIELDS = (
-    "log_every_steps", "tensorboard", "keep_checkpoints", "checkpoint_every_epochs",
-    "eval_every_epochs", "eval_batch_size", "dataset.source", "dataset.data_file",
-    "dataset.tfds_data_dir", "dataset.cache_dir")
 
 # (summary key, column title, factor to the unit shown).
 METRICS = (("top1", "Top-1 (%)", 100.0), ("many_acc", "Many (%)", 100.0),
@@ -192,39 +186,22 @@ def cell_config(grid, cell: Cell):
   return config
 
 
-def _flatten(tree: dict, prefix: str = "") -> dict:
-  flat = {}
-  for key, value in tree.items():
-    if isinstance(value, dict):
-      flat.update(_flatten(value, f"{prefix}{key}."))
-    else:
-      flat[f"{prefix}{key}"] = value
-  return flat
-
-
-def config_differences(saved: dict, config) -> list:
-  """Dotted fields (bookkeeping ones left out) where a saved config differs."""
-  a, b = _flatten(saved), _flatten(json.loads(config.to_json_best_effort()))
-  return sorted(k for k in set(a) | set(b)
-                if k not in BOOKKEEPING_FIELDS and a.get(k) != b.get(k))
-
-
 def is_finished(cell_dir: pathlib.Path, config) -> bool:
   """True if `cell_dir` holds a finished run of `config`.
 
   Raises:
-    ValueError: the folder holds (part of) a run of another config, which
+    WorkdirError: the folder holds (part of) a run of another config, which
       resuming would silently mix with this one.
   """
   for name in ("summary.json", "config.json"):
     path = cell_dir / name
     if path.exists():
       saved = json.loads(path.read_text())
-      diff = config_differences(saved["config"] if name == "summary.json" else saved,
-                                config)
+      diff = sorted(run_record.config_differences(
+          saved["config"] if name == "summary.json" else saved, config))
       if diff:
-        raise ValueError(f"{path} is from another config (fields {diff[:8]} differ); "
-                         "use a new --workdir or remove that cell's folder.")
+        raise WorkdirError(f"{path} is from another config (fields {diff[:8]} differ); "
+                           "use a new --workdir or remove that cell's folder.")
   summary_path = cell_dir / "summary.json"
   if not summary_path.exists():
     return False
@@ -342,13 +319,6 @@ def table_csv(rows: list) -> str:
                     f"{value:.6g}" if isinstance(value, float) else str(value))
     lines.append(",".join(values))
   return "\n".join(lines) + "\n"
-
-
-def _write_atomic(path: pathlib.Path, text: str) -> None:
-  """Writes through a per-process temporary, so concurrent grids never mix."""
-  tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-  tmp.write_text(text)
-  tmp.replace(path)
 
 
 @contextlib.contextmanager
@@ -500,9 +470,9 @@ def run_grid(grid, workdir: str, train_fn: Callable | None = None) -> list:
     finals.setdefault((cell.mix, cell.loss), []).append(
         {**summary["final"], "best_top1": best_top1(cell_dir, summary)})
   rows = aggregate(grid, finals)
-  _write_atomic(workdir / "table.md", table_markdown(grid, rows))
-  _write_atomic(workdir / "table.csv", table_csv(rows))
-  _write_atomic(workdir / "grid.json", json.dumps({
+  reporting.write_text(workdir / "table.md", table_markdown(grid, rows))
+  reporting.write_text(workdir / "table.csv", table_csv(rows))
+  reporting.write_text(workdir / "grid.json", json.dumps({
       "grid": json.loads(grid.to_json_best_effort()), "failed_cells": failed,
       "missing_cells": missing}, indent=2, sort_keys=True) + "\n")
   if missing:

@@ -10,6 +10,7 @@ has one), so a crash never leaves half a JSON file and gs:// works.
 
 import json
 import logging
+import os
 import sys
 import time
 
@@ -53,12 +54,16 @@ def create_writer(workdir: str, tensorboard: bool = True, is_main: bool = True):
 
 
 def write_text(path, text: str) -> None:
-  """Writes `text` whole: via a temporary file and rename on local disks."""
+  """Writes `text` whole: via a temporary file and rename on local disks.
+
+  The temporary file is per process, so processes writing the same file
+  (grid workers sharing a workdir) never mix their bytes.
+  """
   path = epath.Path(path)
   if str(path).startswith("gs://"):  # GCS objects appear whole anyway.
     path.write_text(text)
     return
-  tmp = path.with_name(path.name + ".tmp")
+  tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
   tmp.write_text(text)
   tmp.replace(path)
 

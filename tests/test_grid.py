@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from configs.grids import fidelity, table4
-from lt_calib import config_checks, errors, grid, reporting
+from lt_calib import config_checks, errors, grid, reporting, run_record
 
 
 def fake_final(top1, few=None):
@@ -194,7 +194,7 @@ def test_official_variant_is_the_code_recipe():
 
 
 def flat(config):
-  return grid._flatten(json.loads(config.to_json_best_effort()))
+  return run_record.flatten(json.loads(config.to_json_best_effort()))
 
 
 def test_fidelity_decomposition_changes_one_factor_per_row():
