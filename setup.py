@@ -23,6 +23,13 @@ EXTRAS = {
              "tensorboard>=2.16"],
     # Plots, SVM experiment and reports.
     "analysis": ["matplotlib>=3.8", "scikit-learn>=1.4", "scipy>=1.11"],
+    # PyTorch reference step of benchmarks/train_throughput.py. Pinned exactly:
+    # the CPU wheel 2.13.0+cpu lies in this machine's find-links and, as a local
+    # version of 2.13.0, sorts above PyPI's 2.13.0, so pip takes it; a range
+    # that admits a newer release would make pip fetch a CUDA build of several
+    # GB from PyPI instead. Elsewhere, install the CPU build first from
+    # https://download.pytorch.org/whl/cpu (the pin is then satisfied).
+    "bench": ["torch==2.13.0"],
 }
 EXTRAS["test"] = sorted(
     set(EXTRAS["tfds"] + EXTRAS["analysis"] + ["pytest>=8", "pytest-xdist>=3"])

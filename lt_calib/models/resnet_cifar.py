@@ -19,6 +19,7 @@ import functools
 from typing import Any
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from lt_calib import mixing
@@ -26,6 +27,42 @@ from lt_calib.models import heads
 
 # Kaiming-normal (fan-in, gain sqrt 2), untruncated like torch's kaiming_normal_.
 kaiming_normal = nn.initializers.variance_scaling(2.0, "fan_in", "normal")
+
+
+def materialize_relu(x):
+  """Returns the ReLU output `x` unchanged, computed once on XLA:CPU.
+
+  XLA:CPU fuses cheap elementwise producers (BatchNorm's scale and shift, the
+  residual add, ReLU) into each of their consumers, duplicating them. Along the
+  residual stream this compounds: inside every consumer of block k's output
+  (the next block's add, the backward pass's ReLU masks, the layout transposes
+  that feed the weight-gradient convolutions) the output is recomputed from
+  all earlier BatchNorm outputs of the stage, so a stage of n blocks does
+  O(n^2) elementwise passes, many of them in transposed, cache-hostile order.
+  That made the ResNet-32 train step 1.7x slower (docs/benchmarks.md). A
+  conditional is opaque to fusion, so its result is written to memory once
+  and read by every consumer (lax.optimization_barrier would be the natural
+  tool, but XLA:CPU removes it before fusion). Both branches return `x` bit
+  for bit (ReLU is idempotent), whatever the predicate, so values and
+  gradients are those of the plain model. Other backends get `x` itself:
+  their fusion heuristics differ, and a GPU conditional waits for its
+  predicate on the host. So do bfloat16 activations, with which the step
+  measured 4-9 % faster without it.
+
+  Args:
+    x: a ReLU output (non-negative or NaN), any shape.
+
+  Returns:
+    `x`.
+  """
+  if x.dtype != jnp.float32:
+    return x
+
+  def on_cpu(v):
+    # Any predicate the compiler cannot fold will do; the branches agree.
+    return jax.lax.cond(jnp.isfinite(v.ravel()[0]), lambda u: u, nn.relu, v)
+
+  return jax.lax.platform_dependent(x, cpu=on_cpu, default=lambda v: v)
 
 
 class BasicBlock(nn.Module):
@@ -40,7 +77,7 @@ class BasicBlock(nn.Module):
                              kernel_init=kaiming_normal, dtype=self.dtype)
     norm = functools.partial(nn.BatchNorm, use_running_average=not train,
                              momentum=0.9, epsilon=1e-5, dtype=self.dtype)
-    y = nn.relu(norm()(conv(self.features, strides=self.strides)(x)))
+    y = materialize_relu(nn.relu(norm()(conv(self.features, strides=self.strides)(x))))
     y = norm()(conv(self.features)(y))
     shortcut = x
     if self.strides != 1 or x.shape[-1] != self.features:
@@ -49,7 +86,7 @@ class BasicBlock(nn.Module):
       extra = self.features - x.shape[-1]
       shortcut = jnp.pad(shortcut, ((0, 0), (0, 0), (0, 0),
                                     (extra // 2, extra - extra // 2)))
-    return nn.relu(y + shortcut)
+    return materialize_relu(nn.relu(y + shortcut))
 
 
 class ResNetCifar(nn.Module):
@@ -80,8 +117,9 @@ class ResNetCifar(nn.Module):
     x = mixing.mix_hidden(x, mix, 0)
     x = nn.Conv(self.width, (3, 3), padding=1, use_bias=False,
                 kernel_init=kaiming_normal, dtype=self.dtype)(x)
-    x = nn.relu(nn.BatchNorm(use_running_average=not train, momentum=0.9,
-                             epsilon=1e-5, dtype=self.dtype)(x))
+    x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
+                     dtype=self.dtype)(x)
+    x = materialize_relu(nn.relu(x))
     for stage in range(3):
       for block in range(blocks):
         strides = 2 if stage > 0 and block == 0 else 1
