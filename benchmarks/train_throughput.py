@@ -20,6 +20,15 @@ Modes (see `MODES`):
                                   replaced by the identity: the model before it
                                   (not run by default; bf16 activations already
                                   skip it, so _bf16_fused is jax_model_bf16)
+  jax_epoch_f32 / jax_epoch_bf16  the library step compiled as a lax.fori_loop of
+                                  --chunk_steps steps per dispatch (the compiled
+                                  epoch; on XLA:CPU ~15x slower than the step loop,
+                                  see train.steps_per_dispatch)
+  jax_vmap8_f32 / jax_vmap8_bf16  8 seeds vmapped in one program
+                                  (lt_calib/population.py), --chunk_steps per dispatch;
+                                  images/s counts all 8 models' images
+  resnet50_f32 / resnet50_bf16    ImageNet-LT's ResNet-50 library step on a streamed
+                                  (random uint8) batch at --resnet_size px
   torch_f32_cl / torch_f32        benchmarks/torch_resnet32.py, channels_last /
                                   contiguous NCHW, float32
   torch_bf16_cl / torch_bf16      the same under bf16 autocast
@@ -144,6 +153,71 @@ def _library_step(args, context, dtype):
                      {"mix": args.mix, "loss": args.loss})
 
 
+def _library_chunk(args, context, dtype, members: int = 1):
+  """A compiled stretch of `--chunk_steps` library steps per dispatch.
+
+  members > 1: that many seeds vmapped in one program (population.py).
+  """
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from lt_calib import population, train  # pylint: disable=g-import-not-at-top
+  config = context.config(args, dtype)
+  dataset = context.dataset(config)
+  steps = min(args.chunk_steps, len(dataset.train_labels) // args.batch_size)
+  config.steps_per_dispatch = steps
+  if members == 1:
+    setup = train.build(config, dataset, train.make_mesh())
+  else:
+    configs = [config.copy_and_resolve_references() for _ in range(members)]
+    for seed, member in enumerate(configs):
+      member.seed = seed
+    setup = population.build(configs, dataset, train.make_mesh())
+  if setup.run_chunk is None:  # steps == 1: a chunk is the step loop.
+    return _jax_runner(setup.update, setup.state, tuple(setup.arrays),
+                       members * args.batch_size, {"members": members})
+  return _jax_runner(setup.run_chunk, setup.state, (jnp.int32(steps),) + tuple(setup.arrays),
+                     members * steps * args.batch_size,
+                     {"mix": args.mix, "loss": args.loss, "steps_per_dispatch": steps,
+                      "members": members})
+
+
+def _resnet50_step(args, context, dtype):
+  """The library's streamed step for ImageNet-LT's ResNet-50 on random uint8 images.
+
+  Everything the device does per step at `--resnet_size` px: normalisation,
+  UniMix partners (R* batch, as tf.data would deliver it), mixing, Bayias,
+  forward/backward, SGD; the input pipeline is measured by
+  benchmarks/input_pipeline.py.
+  """
+  del context
+  import types  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from configs import imagenet_lt  # pylint: disable=g-import-not-at-top
+  from lt_calib import feeding, train  # pylint: disable=g-import-not-at-top
+  from lt_calib.data import long_tail, sources  # pylint: disable=g-import-not-at-top
+  config = imagenet_lt.get_config("resnet50")
+  config.batch_size, config.model.dtype = args.resnet_batch, dtype
+  size, classes, batch = args.resnet_size, 1000, args.resnet_batch
+  # ImageNet-LT's class counts (1280 down to 5, exponential profile).
+  counts = long_tail.long_tail_counts(1280, classes, 256.0, "exp")
+  labels = np.repeat(np.arange(classes), counts).astype(np.int32)
+  dataset = types.SimpleNamespace(
+      info=sources.DatasetInfo(classes, size, 1280, None, None, sources.IMAGENET_MEAN,
+                               sources.IMAGENET_STD, streaming=True),
+      prior=long_tail.class_prior(labels, classes), train_labels=labels)
+  mesh = train.make_mesh()
+  setup = train.build(config, dataset, mesh)
+  rng = np.random.default_rng(0)
+  local = {"image": rng.integers(0, 256, (batch, size, size, 3), dtype=np.uint8),
+           "label": rng.integers(0, classes, batch).astype(np.int32)}
+  local["partner_image"], local["partner_label"] = local["image"][::-1], local["label"][::-1]
+  global_batch = feeding.to_global(local, mesh, batch)
+  del jax
+  return _jax_runner(setup.update, setup.state, (global_batch,) + tuple(setup.arrays),
+                     batch, {"model": "resnet_imagenet-50", "image_size": size,
+                             "resnet_batch": batch})
+
+
 def make_model_step(batch_size: int = 128, dtype: str = "float32", depth: int = 32,
                     num_classes: int = 10, seed: int = 0):
   """The JAX model step alone, the same work as benchmarks/torch_resnet32.py.
@@ -234,6 +308,15 @@ for _dtype, _suffix in (("float32", "f32"), ("bfloat16", "bf16")):
   register(f"jax_model_{_suffix}_fused", "jax", _dtype,
            "model step with materialize_relu off (the model before it)")(
                functools.partial(_model_step, dtype=_dtype, materialize=False))
+  register(f"jax_epoch_{_suffix}", "jax", _dtype,
+           "library steps compiled as one lax.fori_loop per dispatch (--chunk_steps)")(
+               functools.partial(_library_chunk, dtype=_dtype))
+  register(f"jax_vmap8_{_suffix}", "jax", _dtype,
+           "8 seeds vmapped in one program, --chunk_steps steps per dispatch")(
+               functools.partial(_library_chunk, dtype=_dtype, members=8))
+  register(f"resnet50_{_suffix}", "jax", _dtype,
+           "ImageNet-LT ResNet-50 library step (streamed batch) at --resnet_size px")(
+               functools.partial(_resnet50_step, dtype=_dtype))
   register(f"torch_{_suffix}_cl", "torch", _dtype, "PyTorch step, channels_last")(
       functools.partial(_torch_step, dtype=_dtype, channels_last=True))
   register(f"torch_{_suffix}", "torch", _dtype, "PyTorch step, contiguous NCHW")(
@@ -364,6 +447,11 @@ def main():
   parser.add_argument("--repeats", type=int, default=7, help="rounds")
   parser.add_argument("--warmup", type=int, default=3, help="untimed dispatches")
   parser.add_argument("--batch_size", type=int, default=128)
+  parser.add_argument("--chunk_steps", type=int, default=96,
+                      help="steps per dispatch of the jax_epoch / jax_vmap8 modes (96 = "
+                           "an epoch of CIFAR-10-LT at batch 128)")
+  parser.add_argument("--resnet_batch", type=int, default=64, help="resnet50 modes' batch")
+  parser.add_argument("--resnet_size", type=int, default=224, help="resnet50 modes' px")
   parser.add_argument("--mix", default="unimix", help="library step's mix.name")
   parser.add_argument("--loss", default="bayias", help="library step's loss.name")
   parser.add_argument("--reference", default="auto",

@@ -1,0 +1,85 @@
+#!/usr/bin/env bash
+# Everything the open issues ask of a lent GPU, in their order of importance,
+# each part bounded in time so that partial results always come back:
+#
+#   fidelity     results-fidelity grids (launch/gpu_fidelity.sh): the UniMix
+#                decomposition, the balanced-CIFAR-10 data effect, the rho rows
+#   performance  train throughput of the step loop, the compiled epoch and
+#                K = 8 seeds in one program, float32 and bfloat16
+#                (benchmarks/train_throughput.py), and the wall time of the full
+#                200-epoch CIFAR-10-LT run to summary.json with the fastest
+#                path, float32 then bfloat16 (benchmarks/end_to_end.py)
+#   resnet50     ResNet-50 train-step images/s at 224 px, float32 and bfloat16
+#
+#   OUT=$OUT PARTS="performance resnet50" bash launch/gpu_session.sh
+#   SMOKE=1 OUT=/tmp/x bash launch/gpu_session.sh      # tiny budgets, on a CPU
+#
+# A device call lasts at most 600 s, so run one or two parts per call:
+# PARTS selects them (default: all three, in order). Results land in
+# $OUT/<part>/ as JSON lines, summaries and logs. Knobs: FIDELITY_SECONDS
+# (default 540), PERF_SECONDS (default 420), RESNET_SECONDS (default 150),
+# PYTHON. The GPU host lacks TensorFlow, ml_collections and tqdm: carry their
+# wheels in .whl/ and the offline CIFAR-10 in .devdata/ (docs/results.md).
+set -uo pipefail
+PARTS=${PARTS:-"fidelity performance resnet50"}
+OUT=${OUT:-runs/gpu_session_out}
+mkdir -p "$OUT"
+if [ -z "${LT_CALIB_DATA_DIR:-}" ]; then
+  for dir in "$PWD/.devdata" "$PWD/../shared/data"; do
+    if [ -f "$dir/cifar10_jpeg.npz" ]; then export LT_CALIB_DATA_DIR=$dir; break; fi
+  done
+fi
+export LT_CALIB_CACHE_DIR=${LT_CALIB_CACHE_DIR:-/tmp/lt_calib_cache}
+export PYTHONUNBUFFERED=1 TF_CPP_MIN_LOG_LEVEL=2
+if [ -z "${PYTHON:-}" ]; then
+  if [ -x .venv/bin/python ]; then PYTHON=.venv/bin/python; else PYTHON=python3; fi
+fi
+if ! $PYTHON -c "import ml_collections, tqdm" 2>/dev/null; then
+  $PYTHON -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl || exit 1
+  export PYTHONPATH=/tmp/site
+fi
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version \
+  --format=csv,noheader | tee "$OUT/gpu.txt"
+
+if [ -n "${SMOKE:-}" ]; then
+  BENCH_ARGS="--steps=2 --repeats=2 --warmup=1"; E2E_CONFIG=configs/cifar10_lt.py:smoke
+  RESNET_ARGS="--steps=1 --repeats=2 --warmup=1 --resnet_batch=8 --resnet_size=64"
+else
+  BENCH_ARGS="--steps=20 --repeats=5 --warmup=3"; E2E_CONFIG=configs/cifar10_lt.py
+  RESNET_ARGS="--steps=10 --repeats=5 --warmup=3 --resnet_batch=128 --resnet_size=224"
+fi
+
+for part in $PARTS; do
+  mkdir -p "$OUT/$part"
+  case $part in
+    fidelity)
+      OUT="$OUT/fidelity" TOTAL_SECONDS=${FIDELITY_SECONDS:-540} PYTHON=$PYTHON \
+        bash launch/gpu_fidelity.sh > "$OUT/fidelity/session.log" 2>&1
+      ;;
+    performance)
+      end=$(( $(date +%s) + ${PERF_SECONDS:-420} ))
+      timeout $(( end - $(date +%s) )) $PYTHON benchmarks/train_throughput.py $BENCH_ARGS \
+        --modes=jax_step_f32,jax_epoch_f32,jax_vmap8_f32,jax_step_bf16,jax_epoch_bf16,jax_vmap8_bf16 \
+        --out="$OUT/performance/throughput.jsonl" > "$OUT/performance/throughput.txt" 2>&1
+      for dtype in float32 bfloat16; do
+        left=$(( end - $(date +%s) ))
+        [ "$left" -gt 30 ] || break
+        rm -rf "runs/gpu_e2e_$dtype"  # A whole run from scratch, never a resume.
+        timeout "$left" $PYTHON benchmarks/end_to_end.py --config=$E2E_CONFIG \
+          --workdir="runs/gpu_e2e_$dtype" -- --config.model.dtype=$dtype \
+          --config.tensorboard=False >> "$OUT/performance/end_to_end.jsonl" \
+          2>> "$OUT/performance/end_to_end.log"
+        cp runs/gpu_e2e_$dtype/run0/summary.json "$OUT/performance/summary_$dtype.json" 2>/dev/null
+        cp runs/gpu_e2e_$dtype/run0/metrics.jsonl "$OUT/performance/metrics_$dtype.jsonl" 2>/dev/null
+      done
+      ;;
+    resnet50)
+      timeout ${RESNET_SECONDS:-150} $PYTHON benchmarks/train_throughput.py $RESNET_ARGS \
+        --modes=resnet50_f32,resnet50_bf16 --out="$OUT/resnet50/throughput.jsonl" \
+        > "$OUT/resnet50/throughput.txt" 2>&1
+      ;;
+    *) echo "unknown part $part; allowed: fidelity performance resnet50"; exit 2 ;;
+  esac
+  echo "part $part done; outputs in $OUT/$part"
+done
