@@ -18,12 +18,24 @@
 # PARTS selects them (default: all three, in order). Results land in
 # $OUT/<part>/ as JSON lines, summaries and logs. Knobs: FIDELITY_SECONDS
 # (default 540), PERF_SECONDS (default 420), RESNET_SECONDS (default 150),
-# PYTHON. The GPU host lacks TensorFlow, ml_collections and tqdm: carry their
-# wheels in .whl/ and the offline CIFAR-10 in .devdata/ (docs/results.md).
+# FIDELITY_PARTS (the fidelity script's PARTS; its other knobs, e.g.
+# SEED_PASSES and WORKERS, pass through), PYTHON. The GPU host lacks
+# TensorFlow and ml_collections: carry the wheel in .whl/ and the offline
+# CIFAR-10 in .devdata/ (docs/results.md).
+#
+# A device call brings back at most 8 files, so everything is written to a
+# staging folder and packed into $OUT/gpu_session.tar.gz when the script ends
+# (normally or on SIGTERM/SIGINT); the tables are also printed.
 set -uo pipefail
 PARTS=${PARTS:-"fidelity performance resnet50"}
-OUT=${OUT:-runs/gpu_session_out}
-mkdir -p "$OUT"
+FINAL_OUT=${OUT:-runs/gpu_session_out}
+OUT=$(mktemp -d /tmp/gpu_session.XXXXXX)
+mkdir -p "$FINAL_OUT"
+pack() {
+  tar -czf "$FINAL_OUT/gpu_session.tar.gz" -C "$OUT" . && echo "packed $FINAL_OUT/gpu_session.tar.gz"
+}
+trap pack EXIT
+trap 'exit 143' TERM INT
 if [ -z "${LT_CALIB_DATA_DIR:-}" ]; then
   for dir in "$PWD/.devdata" "$PWD/../shared/data"; do
     if [ -f "$dir/cifar10_jpeg.npz" ]; then export LT_CALIB_DATA_DIR=$dir; break; fi
@@ -46,38 +58,48 @@ if [ -n "${SMOKE:-}" ]; then
   BENCH_ARGS="--steps=2 --repeats=2 --warmup=1"; E2E_CONFIG=configs/cifar10_lt.py:smoke
   RESNET_ARGS="--steps=1 --repeats=2 --warmup=1 --resnet_batch=8 --resnet_size=64"
 else
-  BENCH_ARGS="--steps=20 --repeats=5 --warmup=3"; E2E_CONFIG=configs/cifar10_lt.py
-  RESNET_ARGS="--steps=10 --repeats=5 --warmup=3 --resnet_batch=128 --resnet_size=224"
+  BENCH_ARGS="--steps=4 --repeats=3 --warmup=1"; E2E_CONFIG=configs/cifar10_lt.py
+  RESNET_ARGS="--steps=5 --repeats=3 --warmup=2 --resnet_batch=128 --resnet_size=224"
 fi
+
+end_to_end() {  # $1 dtype, $2 deadline: one whole run from scratch, timed.
+  local left=$(( $2 - $(date +%s) )) dir=runs/gpu_e2e_$1
+  [ "$left" -gt 30 ] || { echo "end_to_end $1: no time left"; return; }
+  rm -rf "$dir"  # A whole run from scratch, never a resume.
+  timeout "$left" $PYTHON benchmarks/end_to_end.py --config=$E2E_CONFIG --workdir="$dir" \
+    -- --config.model.dtype=$1 --config.tensorboard=False \
+    2>> "$OUT/performance/end_to_end.log" | tee -a "$OUT/performance/end_to_end.jsonl"
+  cp "$dir"/run0/summary.json "$OUT/performance/summary_$1.json" 2>/dev/null
+  cp "$dir"/run0/metrics.jsonl "$OUT/performance/metrics_$1.jsonl" 2>/dev/null
+  cp "$dir"/run0/train_metrics.jsonl "$OUT/performance/train_metrics_$1.jsonl" 2>/dev/null
+}
 
 for part in $PARTS; do
   mkdir -p "$OUT/$part"
   case $part in
     fidelity)
       OUT="$OUT/fidelity" TOTAL_SECONDS=${FIDELITY_SECONDS:-540} PYTHON=$PYTHON \
+        PARTS=${FIDELITY_PARTS:-"decomposition data_effect rho_rows"} \
         bash launch/gpu_fidelity.sh > "$OUT/fidelity/session.log" 2>&1
+      grep -v "^|" "$OUT/fidelity/session.log" | tail -5; cat "$OUT"/fidelity/*/table.md 2>/dev/null
       ;;
     performance)
+      # In order of importance: the whole float32 run (the 60 s target and its
+      # figures), the throughput modes (K = 8 vs one run), then bfloat16.
       end=$(( $(date +%s) + ${PERF_SECONDS:-420} ))
-      timeout $(( end - $(date +%s) )) $PYTHON benchmarks/train_throughput.py $BENCH_ARGS \
-        --modes=jax_step_f32,jax_epoch_f32,jax_vmap8_f32,jax_step_bf16,jax_epoch_bf16,jax_vmap8_bf16 \
+      end_to_end float32 $end
+      left=$(( end - $(date +%s) ))
+      [ "$left" -gt 20 ] && timeout "$left" $PYTHON benchmarks/train_throughput.py $BENCH_ARGS \
+        --modes=jax_epoch_f32,jax_vmap8_f32,jax_step_f32,jax_epoch_bf16,jax_vmap8_bf16 \
         --out="$OUT/performance/throughput.jsonl" > "$OUT/performance/throughput.txt" 2>&1
-      for dtype in float32 bfloat16; do
-        left=$(( end - $(date +%s) ))
-        [ "$left" -gt 30 ] || break
-        rm -rf "runs/gpu_e2e_$dtype"  # A whole run from scratch, never a resume.
-        timeout "$left" $PYTHON benchmarks/end_to_end.py --config=$E2E_CONFIG \
-          --workdir="runs/gpu_e2e_$dtype" -- --config.model.dtype=$dtype \
-          --config.tensorboard=False >> "$OUT/performance/end_to_end.jsonl" \
-          2>> "$OUT/performance/end_to_end.log"
-        cp runs/gpu_e2e_$dtype/run0/summary.json "$OUT/performance/summary_$dtype.json" 2>/dev/null
-        cp runs/gpu_e2e_$dtype/run0/metrics.jsonl "$OUT/performance/metrics_$dtype.jsonl" 2>/dev/null
-      done
+      tail -8 "$OUT/performance/throughput.txt"
+      end_to_end bfloat16 $end
       ;;
     resnet50)
       timeout ${RESNET_SECONDS:-150} $PYTHON benchmarks/train_throughput.py $RESNET_ARGS \
         --modes=resnet50_f32,resnet50_bf16 --out="$OUT/resnet50/throughput.jsonl" \
         > "$OUT/resnet50/throughput.txt" 2>&1
+      tail -3 "$OUT/resnet50/throughput.txt"
       ;;
     *) echo "unknown part $part; allowed: fidelity performance resnet50"; exit 2 ;;
   esac

@@ -395,7 +395,7 @@ def train_seed_groups(grid, workdir: pathlib.Path, cells: list) -> bool:
       try:
         results = population.train_population(
             [cell_config(grid, c) for c in todo], [str(workdir / c.name) for c in todo],
-            str(workdir / f"{mix}__{loss}__seeds_" + "_".join(str(c.seed) for c in todo)))
+            str(workdir / (f"{mix}__{loss}__seeds_" + "_".join(str(c.seed) for c in todo))))
       finally:
         jax.clear_caches()
       if "stopped_at_step" in results[0]:
@@ -422,13 +422,15 @@ def run_grid(grid, workdir: str, train_fn: Callable | None = None) -> list:
     RuntimeError: after writing the tables, if some cell's loss became
       non-finite (that cell is left out of the table).
   """
+  # Seed groups train through the library itself, never through a stand-in.
+  library_training = train_fn is None
   train_fn = train_fn or train.train_and_evaluate
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   cells = grid_cells(grid)
   finals, failed, missing = {}, [], []
   training = grid.get("train", True)
-  if training and train_fn is None and seeds_in_one_program(grid):
+  if training and library_training and seeds_in_one_program(grid):
     training = not train_seed_groups(grid, workdir, cells)
   for number, cell in enumerate(cells, 1):
     config, cell_dir = cell_config(grid, cell), workdir / cell.name
