@@ -34,7 +34,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 import ml_collections
 import numpy as np
 
-from lt_calib import cli, losses, models, train
+from lt_calib import checkpointing, cli, feeding, losses, models, steps, train
 from lt_calib.calibration import metrics, posthoc, report
 from lt_calib.data import sources
 from lt_calib.errors import MissingDataError
