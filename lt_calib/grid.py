@@ -23,8 +23,9 @@ Optional grid fields:
   rows keep the order of `losses` then `mixes`.
 - `seeds_in_one_program`: True trains the seeds of each (mix, loss) row as K
   runs of one program (`jax.vmap`, lt_calib/population.py), each ending in its
-  own cell folder as if trained alone; 'auto' (default) does so on GPU/TPU,
-  where one small model leaves the device idle, not on a CPU.
+  own cell folder as if trained alone. False (default): measured slower than
+  separate runs for ResNet-32 on a CPU and on an H100 (docs/benchmarks.md);
+  several grid processes sharing a GPU fill it better.
 - `train`: False writes the tables from the finished cells and trains nothing
   (a cell without a finished summary is left out; `seeds` counts the rest).
 
@@ -363,12 +364,14 @@ def say(message: str, *args) -> None:
 
 
 def seeds_in_one_program(grid) -> bool:
-  """`grid.seeds_in_one_program`: True, False or 'auto' (= on accelerators).
+  """`grid.seeds_in_one_program` (default False; see the module docstring).
 
-  On a CPU, K vmapped runs take K times as long as one: nothing is gained.
+  Vmapped ResNet convolutions (one weight set per member) ran slower than K
+  separate runs wherever measured: ~2.4x on XLA:CPU, and on an H100 three
+  3-seed programs together trained ~13,000 images/s against ~23,000 for one
+  plain run alone (docs/benchmarks.md).
   """
-  value = grid.get("seeds_in_one_program", "auto")
-  return jax.default_backend() != "cpu" if value == "auto" else bool(value)
+  return bool(grid.get("seeds_in_one_program", False))
 
 
 def train_seed_groups(grid, workdir: pathlib.Path, cells: list) -> bool:
