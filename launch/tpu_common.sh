@@ -13,6 +13,11 @@
 exec 3>&1
 DRY_RUN=${DRY_RUN:-0}
 SCRIPT_NAME=${SCRIPT_NAME:-$(basename "$0")}
+# The slice the tpu_*.sh scripts address unless --project/--zone/--name say
+# otherwise.
+PROJECT=${CLOUDSDK_CORE_PROJECT:-}
+ZONE=us-central2-b
+NAME=lt-calib
 
 die() {
   echo "$SCRIPT_NAME: error: $*" >&2

@@ -9,9 +9,6 @@ HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 # shellcheck source=tpu_common.sh
 source "$HERE/tpu_common.sh"
 
-PROJECT=${CLOUDSDK_CORE_PROJECT:-}
-ZONE=us-central2-b
-NAME=lt-calib
 ACCELERATOR_TYPE=v4-32
 RUNTIME_VERSION=tpu-ubuntu2204-base
 SPOT=0

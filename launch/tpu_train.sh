@@ -12,9 +12,6 @@ HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 # shellcheck source=tpu_common.sh
 source "$HERE/tpu_common.sh"
 
-PROJECT=${CLOUDSDK_CORE_PROJECT:-}
-ZONE=us-central2-b
-NAME=lt-calib
 ACCELERATOR_TYPE=v4-32
 CONFIG=configs/imagenet_lt.py
 BUCKET=""
@@ -105,6 +102,8 @@ while [[ $# -gt 0 ]]; do
   esac
 done
 BUCKET=${BUCKET:-lt-calib-${USER:-$(id -un)}}
+BUCKET=${BUCKET#gs://}  # --bucket=gs://name and --bucket=name mean the same.
+BUCKET=${BUCKET%/}
 config_name=$(basename "${CONFIG%%:*}" .py)
 WORKDIR=${WORKDIR:-gs://$BUCKET/runs/$config_name}
 WORKDIR=${WORKDIR%/}

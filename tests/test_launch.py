@@ -153,6 +153,14 @@ def test_workers_of_accelerator_types(accelerator, hosts):
   assert f"# {accelerator} slice {NAME}: {hosts} workers" in out
 
 
+@pytest.mark.parametrize("bucket", [f"gs://{BUCKET}", f"gs://{BUCKET}/", BUCKET])
+def test_bucket_with_or_without_scheme(bucket):
+  out = run_script("tpu_train.sh", "--dry-run", *SCOPE, "--bucket", bucket,
+                   "--max-attempts=1", check=False).stdout
+  assert f"--workdir={WORKDIR} " in out
+  assert "gs://gs://" not in out and f"{BUCKET}//" not in out
+
+
 def test_setup_from_git():
   out = run_script("tpu_setup.sh", "--dry-run", *SCOPE, "--source=git",
                    "--git-url=https://example.org/lt_calib.git", "--git-ref=v1").stdout
