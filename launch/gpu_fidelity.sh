@@ -50,29 +50,10 @@ RUNS=${RUNS:-runs/fidelity${BUDGET:+_$BUDGET}}
 OUT=${OUT:-runs/fidelity_out}
 mkdir -p "$OUT" "$RUNS"
 
-if [ -z "${LT_CALIB_DATA_DIR:-}" ]; then
-  for dir in "$PWD/.devdata" "$PWD/../shared/data"; do
-    if [ -f "$dir/cifar10_jpeg.npz" ]; then export LT_CALIB_DATA_DIR=$dir; break; fi
-  done
-fi
-export LT_CALIB_CACHE_DIR=${LT_CALIB_CACHE_DIR:-/tmp/lt_calib_cache}
-export PYTHONUNBUFFERED=1 TF_CPP_MIN_LOG_LEVEL=2
+# shellcheck source=gpu_env.sh
+source "$(dirname "${BASH_SOURCE[0]}")/gpu_env.sh"
 # One compilation cache for every process: seeds and workers reuse programs.
 export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-$PWD/$RUNS/compilation_cache}
-# The checkout's virtual environment where there is one (a CPU test), else
-# the machine's python3 (the GPU host, which has JAX but not the venv).
-if [ -z "${PYTHON:-}" ]; then
-  if [ -x .venv/bin/python ]; then PYTHON=.venv/bin/python; else PYTHON=python3; fi
-fi
-if ! $PYTHON -c "import ml_collections, tqdm" 2>/dev/null; then
-  if ! ls .whl/*.whl >/dev/null 2>&1; then
-    echo "$PYTHON lacks ml_collections or tqdm and .whl/ holds no wheel to install; see docs/results.md"
-    exit 1
-  fi
-  $PYTHON -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl || exit 1
-  export PYTHONPATH=/tmp/site
-fi
-export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 # Each process may take its share of GPU memory (XLA preallocates 75 % otherwise).
 export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-$(
   awk -v n="$WORKERS" 'BEGIN { printf "%.2f", 0.9 / n }')}

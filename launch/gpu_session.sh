@@ -36,21 +36,8 @@ pack() {
 }
 trap pack EXIT
 trap 'exit 143' TERM INT
-if [ -z "${LT_CALIB_DATA_DIR:-}" ]; then
-  for dir in "$PWD/.devdata" "$PWD/../shared/data"; do
-    if [ -f "$dir/cifar10_jpeg.npz" ]; then export LT_CALIB_DATA_DIR=$dir; break; fi
-  done
-fi
-export LT_CALIB_CACHE_DIR=${LT_CALIB_CACHE_DIR:-/tmp/lt_calib_cache}
-export PYTHONUNBUFFERED=1 TF_CPP_MIN_LOG_LEVEL=2
-if [ -z "${PYTHON:-}" ]; then
-  if [ -x .venv/bin/python ]; then PYTHON=.venv/bin/python; else PYTHON=python3; fi
-fi
-if ! $PYTHON -c "import ml_collections, tqdm" 2>/dev/null; then
-  $PYTHON -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl || exit 1
-  export PYTHONPATH=/tmp/site
-fi
-export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+# shellcheck source=gpu_env.sh
+source "$(dirname "${BASH_SOURCE[0]}")/gpu_env.sh"
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version \
   --format=csv,noheader | tee "$OUT/gpu.txt"
 
