@@ -44,6 +44,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   base.tensorboard = False
   grid = ml_collections.ConfigDict()
   grid.seeds = (0, 1, 2)
+  grid.seeds_in_one_program = False  # Selectable; measured slower (lt_calib/grid.py).
   if budget == "cpu":
     base.model.depth, base.model.width = 10, 16
     base.num_epochs = 10
