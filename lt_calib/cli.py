@@ -28,6 +28,7 @@ from absl import logging as absl_logging
 # The implementation module: the package does not re-export is_config_flag.
 from ml_collections.config_flags import config_flags as ml_config_flags
 
+from lt_calib import storage
 from lt_calib.errors import UserError, WorkdirError
 
 EXIT_USER_ERROR = 2
@@ -49,9 +50,9 @@ def exit_with_error(message: str) -> NoReturn:
 
 def _config_flag_names() -> List[str]:
   """Names of the flags whose value is a config file (DEFINE_config_file)."""
-  return [name for name, flag in FLAGS._flags().items()  # pylint: disable=protected-access
-          if ml_config_flags.is_config_flag(flag) and name == flag.name
-          and isinstance(flag.parser, ml_config_flags.ConfigFileFlagParser)]
+  return [name for name in FLAGS if ml_config_flags.is_config_flag(FLAGS[name])
+          and name == FLAGS[name].name
+          and isinstance(FLAGS[name].parser, ml_config_flags.ConfigFileFlagParser)]
 
 
 def _flag_values_in(argv: List[str], name: str) -> List[str]:
@@ -164,14 +165,15 @@ def parse_flags(argv: List[str]) -> List[str]:
     # failure is the user's to fix.
     exit_with_error(flag_error_message(e, argv))
   # ml_collections defers a config file that failed to load (missing, a
-  # folder) to the first use of the config; report it now instead.
+  # folder) to the first use of the config, which then raises the load
+  # error; use it once now and report that instead.
   for name in _config_flag_names():
-    value = FLAGS[name].value
-    if isinstance(value, ml_config_flags._ErrorConfig):  # pylint: disable=protected-access
+    try:
+      FLAGS[name].value.keys()
+    except Exception as e:  # pylint: disable=broad-except
       problem = _config_file_problem(argv)
-      cause = _root_cause(value._error)  # pylint: disable=protected-access
       exit_with_error(problem or
-                      f"--{name}: cannot load the config file: {one_line(cause)}")
+                      f"--{name}: cannot load the config file: {one_line(_root_cause(e))}")
   return remaining
 
 
@@ -186,7 +188,7 @@ def check_workdir(path: str) -> None:
   """
   if not path:
     raise WorkdirError("--workdir is empty; give the folder for checkpoints and results.")
-  if re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", path):
+  if storage.is_remote(path):
     return
   workdir = pathlib.Path(path).expanduser()
   if workdir.exists() and not workdir.is_dir():

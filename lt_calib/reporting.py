@@ -4,18 +4,19 @@ The console shows what a user needs (data, model, devices, steps, workdir),
 then progress: a live tqdm bar on a terminal, plain lines in a log file.
 Every log interval's training scalars also go to `train_metrics.jsonl` and
 every evaluation to `metrics.jsonl`, so scripts never parse the console.
-Files are written whole (temporary file, then rename where the filesystem
-has one), so a crash never leaves half a JSON file and gs:// works.
+JSON files are written whole and logs appended a line at a time
+(lt_calib/storage.py), locally or on gs://.
 """
 
 import json
 import logging
-import os
 import sys
 import time
 
 from etils import epath
 import tqdm
+
+from lt_calib import storage
 
 
 class _LoggingWriter:
@@ -53,48 +54,51 @@ def create_writer(workdir: str, tensorboard: bool = True, is_main: bool = True):
   return metric_writers.create_default_writer(workdir, just_logging=False)
 
 
-def write_text(path, text: str) -> None:
-  """Writes `text` whole: via a temporary file and rename on local disks.
-
-  The temporary file is per process, so processes writing the same file
-  (grid workers sharing a workdir) never mix their bytes.
-  """
-  path = epath.Path(path)
-  if str(path).startswith("gs://"):  # GCS objects appear whole anyway.
-    path.write_text(text)
-    return
-  tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-  tmp.write_text(text)
-  tmp.replace(path)
-
-
 def write_json(path, record: dict) -> None:
-  """Writes `record` as indented JSON, atomically."""
-  write_text(path, json.dumps(record, indent=2, sort_keys=True) + "\n")
+  """Writes `record` as indented JSON, whole (`storage.write_text`)."""
+  storage.write_text(path, json.dumps(record, indent=2, sort_keys=True) + "\n")
+
+
+def _parse_lines(text: str) -> tuple:
+  """(records, complete): a last line cut short by a crash is dropped."""
+  records, complete = [], True
+  for line in text.splitlines():
+    if not line.strip():
+      continue
+    try:
+      records.append(json.loads(line))
+    except json.JSONDecodeError:
+      complete = False  # Only a crash mid-append leaves a partial line.
+  return records, complete
 
 
 class JsonLines:
-  """A JSON-lines file of records with a 'step', rewritten whole on append.
+  """A JSON-lines file of records with a 'step', appended one record at a time.
 
   On a resumed run, records after the resume step (written by the run that
-  was stopped after its last checkpoint) are dropped, so the file reads as
-  one uninterrupted run.
+  was stopped after its last checkpoint) are dropped once, when the file is
+  opened, so the file reads as one uninterrupted run; after that every
+  `append` writes only its own line (`storage.append_text`).
   """
 
   def __init__(self, path, resume_step: int = 0, enabled: bool = True):
     self.path, self.enabled = epath.Path(path), enabled
     self.records = []
     if enabled and self.path.exists():
-      self.records = [json.loads(line) for line in self.path.read_text().splitlines()
-                      if line.strip()]
-      self.records = [r for r in self.records if r.get("step", 0) <= resume_step]
+      stored, complete = _parse_lines(self.path.read_text())
+      self.records = [r for r in stored if r.get("step", 0) <= resume_step]
+      if len(self.records) != len(stored) or not complete:
+        storage.write_text(self.path, "".join(_line(r) for r in self.records))
 
   def append(self, record: dict) -> None:
     if not self.enabled:
       return
     self.records.append(record)
-    write_text(self.path, "".join(json.dumps(r, sort_keys=True) + "\n"
-                                  for r in self.records))
+    storage.append_text(self.path, _line(record))
+
+
+def _line(record: dict) -> str:
+  return json.dumps(record, sort_keys=True) + "\n"
 
 
 class Console:

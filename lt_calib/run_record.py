@@ -13,6 +13,7 @@ import os
 
 from etils import epath
 
+from lt_calib import storage
 from lt_calib.errors import WorkdirError
 
 # Fields that do not change what a run computes (logging, cadence of outputs,
@@ -129,6 +130,6 @@ def write(workdir, config, identity: dict, changes: dict, step: int) -> dict:
   record["data"] = identity
   if changes:
     record["config_changes"].append({"resumed_at_step": int(step), "changes": changes})
-  (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
-  (workdir / "run.json").write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+  storage.write_text(workdir / "config.json", config.to_json_best_effort(indent=2))
+  storage.write_text(workdir / "run.json", json.dumps(record, indent=2, sort_keys=True) + "\n")
   return record

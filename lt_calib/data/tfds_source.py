@@ -12,18 +12,20 @@ split, and records are read by index through TFDS's random-access API
 
 What the user prepares (docs/data.md): the dataset built in ArrayRecord
 format, e.g. `tfds build imagenet2012 --manual_dir=DIR --file_format=array_record
---data_dir=TFDS_DIR`, and `dataset.tfds_data_dir=TFDS_DIR`. Matching reads the
-name and label of every record of a split once (the image bytes come along:
-minutes for ImageNet) and caches the result under `dataset.cache_dir`.
+--data_dir=TFDS_DIR`, and `dataset.tfds_data_dir=TFDS_DIR`. Matching needs the
+name and label of every record of a split; reading them reads the image bytes
+too (minutes for ImageNet), so the result is built once and kept
+(`index_path`: the TFDS data directory, or `dataset.cache_dir`).
 """
 
 import dataclasses
+import io
 import logging
 import os
-import pathlib
 
 import numpy as np
 
+from lt_calib import storage
 from lt_calib.data import lists
 from lt_calib.errors import DataError, MissingDataError, MissingDependencyError, UserError
 
@@ -97,16 +99,46 @@ def open_split(tfds, layout: TfdsLayout, split: str, data_dir):
         "(see docs/data.md) and set dataset.tfds_data_dir=DIR.") from e
 
 
-def scan_names(source, layout: TfdsLayout, split: str, cache_dir, version: str) -> tuple:
-  """(names bytes [R], labels int64 [R]) of every record of a split, cached."""
+def index_path(cfg, layout: TfdsLayout, split: str, version: str, size: int):
+  """Where the record index (names, labels) of one split is kept.
+
+  `dataset.cache_dir` if set, else a folder `lt_calib_index` in the TFDS data
+  directory, next to the records it describes: every host of every run finds
+  it there (gs:// included), so the ~1.3 M ImageNet records are read once.
+  """
+  root = (storage.as_path(cfg.cache_dir) if cfg.get("cache_dir")
+          else storage.as_path(cfg.get("tfds_data_dir") or _tfds().core.constants.DATA_DIR)
+          / "lt_calib_index")
+  return root / f"tfds_{layout.tfds_name}_{version}_{split}_{size}_names.npz"
+
+
+def _read_index(path):
+  if not path.exists():
+    return None
+  with np.load(io.BytesIO(path.read_bytes()), allow_pickle=False) as stored:
+    return stored["names"], stored["labels"]
+
+
+def _write_index(path, names, labels) -> None:
+  buffer = io.BytesIO()
+  np.savez(buffer, names=names, labels=labels)
+  try:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if storage.is_remote(path):
+      path.write_bytes(buffer.getvalue())
+    else:  # Atomic: a concurrent reader never sees half a file.
+      tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+      tmp.write_bytes(buffer.getvalue())
+      tmp.replace(path)
+  except OSError as e:  # A read-only data directory: work without keeping it.
+    logging.warning("cannot keep the TFDS record index at %s (%s); set "
+                    "dataset.cache_dir to a writable folder.", path, e)
+
+
+def scan_names(source, layout: TfdsLayout, split: str) -> tuple:
+  """(names bytes [R], labels int64 [R]) of every record of a split (slow: reads all)."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   size = len(source)
-  cache = None
-  if cache_dir:
-    cache = pathlib.Path(cache_dir) / f"tfds_{layout.tfds_name}_{version}_{split}_{size}_names.npz"
-    if cache.is_file():
-      with np.load(cache, allow_pickle=False) as stored:
-        return stored["names"], stored["labels"]
   logging.info("reading the file names of TFDS %s:%s (%d records, once)",
                layout.tfds_name, split, size)
   spec = {layout.name_feature: tf.io.FixedLenFeature([], tf.string),
@@ -122,12 +154,28 @@ def scan_names(source, layout: TfdsLayout, split: str, cache_dir, version: str) 
     labels.append(parsed["label"].numpy())
   names = np.concatenate(names) if names else np.zeros(0, np.bytes_)
   labels = np.concatenate(labels) if labels else np.zeros(0, np.int64)
-  if cache is not None:
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cache.with_suffix(f".tmp{os.getpid()}.npz")
-    np.savez(tmp, names=names, labels=labels)
-    os.replace(tmp, cache)
   return names, labels
+
+
+def record_index(source, layout: TfdsLayout, split: str, path) -> tuple:
+  """`scan_names` of a split, built once and kept at `path` (`index_path`).
+
+  On several processes, process 0 builds it while the others wait, then
+  they read it (or, if it could not be written, scan themselves).
+  """
+  stored = _read_index(path)
+  if stored is not None:
+    return stored
+  import jax  # pylint: disable=g-import-not-at-top
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  if jax.process_index() == 0:
+    names, labels = scan_names(source, layout, split)
+    _write_index(path, names, labels)
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(f"lt_calib tfds index {split}")
+  if jax.process_index() == 0:
+    return names, labels
+  return _read_index(path) or scan_names(source, layout, split)
 
 
 def match(image_list: lists.ImageList, rows: np.ndarray, names: np.ndarray,
@@ -204,15 +252,15 @@ def readers(cfg, train_list: lists.ImageList, eval_lists: dict):
   layout = TFDS_LAYOUTS[cfg.name]
   data_dir = cfg.get("tfds_data_dir") or None
   version = str(tfds.builder(layout.tfds_name, data_dir=data_dir).version)
-  cache_dir = (cfg.get("cache_dir") or os.environ.get("LT_CALIB_CACHE_DIR")
-               or pathlib.Path.home() / ".cache" / "lt_calib")
   roles = [("train", train_list), *eval_lists.items()]
   splits_of = {role: entry_splits(layout, role, l) for role, l in roles}
   split_names = sorted({s for v in splits_of.values() for s in v})
   sources_by_code, scanned = {}, {}
   for code, split in enumerate(split_names):
     sources_by_code[code] = open_split(tfds, layout, split, data_dir)
-    scanned[split] = scan_names(sources_by_code[code], layout, split, cache_dir, version)
+    source = sources_by_code[code]
+    scanned[split] = record_index(source, layout, split,
+                                  index_path(cfg, layout, split, version, len(source)))
   built = {}
   for role, image_list in roles:
     keys = np.zeros(len(image_list), np.int64)
