@@ -13,7 +13,7 @@ import time
 import jax
 
 from configs import cifar10_lt
-from lt_calib import train
+from lt_calib import parallel, train
 from lt_calib.data import sources
 
 
@@ -28,7 +28,7 @@ def main():
   config = cifar10_lt.get_config()
   config.batch_size, config.mix.name, config.loss.name = args.batch_size, args.mix, args.loss
   config.model.dtype = args.dtype
-  setup = train.build(config, sources.load_dataset(config.dataset), train.make_mesh())
+  setup = train.build(config, sources.load_dataset(config.dataset), parallel.make_mesh())
   update, state, arrays = setup.update, setup.state, setup.arrays
   state, stats = update(state, *arrays)  # Compile and warm up.
   jax.block_until_ready(stats["loss"])

@@ -146,9 +146,9 @@ def _jax_runner(fn, state, args_tail, images_per_call, info):
 
 
 def _library_step(args, context, dtype):
-  from lt_calib import train  # pylint: disable=g-import-not-at-top
+  from lt_calib import parallel, train  # pylint: disable=g-import-not-at-top
   config = context.config(args, dtype)
-  setup = train.build(config, context.dataset(config), train.make_mesh())
+  setup = train.build(config, context.dataset(config), parallel.make_mesh())
   return _jax_runner(setup.update, setup.state, tuple(setup.arrays), args.batch_size,
                      {"mix": args.mix, "loss": args.loss})
 
@@ -159,18 +159,18 @@ def _library_chunk(args, context, dtype, members: int = 1):
   members > 1: that many seeds vmapped in one program (population.py).
   """
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from lt_calib import population, train  # pylint: disable=g-import-not-at-top
+  from lt_calib import parallel, population, train  # pylint: disable=g-import-not-at-top
   config = context.config(args, dtype)
   dataset = context.dataset(config)
   steps = min(args.chunk_steps, len(dataset.train_labels) // args.batch_size)
   config.steps_per_dispatch = steps
   if members == 1:
-    setup = train.build(config, dataset, train.make_mesh())
+    setup = train.build(config, dataset, parallel.make_mesh())
   else:
     configs = [config.copy_and_resolve_references() for _ in range(members)]
     for seed, member in enumerate(configs):
       member.seed = seed
-    setup = population.build(configs, dataset, train.make_mesh())
+    setup = population.build(configs, dataset, parallel.make_mesh())
   if setup.run_chunk is None:  # steps == 1: a chunk is the step loop.
     return _jax_runner(setup.update, setup.state, tuple(setup.arrays),
                        members * args.batch_size, {"members": members})
@@ -193,7 +193,7 @@ def _resnet50_step(args, context, dtype):
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   from configs import imagenet_lt  # pylint: disable=g-import-not-at-top
-  from lt_calib import feeding, train  # pylint: disable=g-import-not-at-top
+  from lt_calib import parallel, train  # pylint: disable=g-import-not-at-top
   from lt_calib.data import long_tail, sources  # pylint: disable=g-import-not-at-top
   config = imagenet_lt.get_config("resnet50")
   config.batch_size, config.model.dtype = args.resnet_batch, dtype
@@ -204,14 +204,15 @@ def _resnet50_step(args, context, dtype):
   dataset = types.SimpleNamespace(
       info=sources.DatasetInfo(classes, size, 1280, None, None, sources.IMAGENET_MEAN,
                                sources.IMAGENET_STD, streaming=True),
-      prior=long_tail.class_prior(labels, classes), train_labels=labels)
-  mesh = train.make_mesh()
+      prior=long_tail.class_prior(labels, classes), train_labels=labels,
+      image_shape=(size, size, 3))
+  mesh = parallel.make_mesh()
   setup = train.build(config, dataset, mesh)
   rng = np.random.default_rng(0)
   local = {"image": rng.integers(0, 256, (batch, size, size, 3), dtype=np.uint8),
            "label": rng.integers(0, classes, batch).astype(np.int32)}
   local["partner_image"], local["partner_label"] = local["image"][::-1], local["label"][::-1]
-  global_batch = feeding.to_global(local, mesh, batch)
+  global_batch = parallel.to_global(local, mesh, batch)
   del jax
   return _jax_runner(setup.update, setup.state, (global_batch,) + tuple(setup.arrays),
                      batch, {"model": "resnet_imagenet-50", "image_size": size,

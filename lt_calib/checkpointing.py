@@ -12,16 +12,15 @@ else a fresh initialisation from the config's seed.
 """
 
 import hashlib
-import os
 import signal
 
-from etils import epath
 import jax
+from jax.experimental import multihost_utils
 import jaxlib
 import numpy as np
 import orbax.checkpoint as ocp
 
-from lt_calib import feeding
+from lt_calib import parallel, storage
 
 STATE, META = "state", "meta"
 
@@ -42,7 +41,7 @@ def fingerprint(state) -> str:
   digest = hashlib.sha256()
   tree = {"params": state.params, "batch_stats": state.batch_stats}
   for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-    value = np.ascontiguousarray(feeding.local_value(leaf))
+    value = np.ascontiguousarray(parallel.local_value(leaf))
     digest.update(jax.tree_util.keystr(path).encode())
     digest.update(f"{value.dtype.str}{value.shape}".encode())
     digest.update(value.tobytes())
@@ -64,9 +63,7 @@ def make_manager(workdir, max_to_keep: int | None, read_only: bool = False):
   (no max_to_keep). Orbax's own read_only option is not used because it
   logs three warnings per manager.
   """
-  directory = epath.Path(workdir) / "checkpoints"
-  if not str(directory).startswith("gs://"):
-    directory = directory.resolve()
+  directory = storage.local_or_resolved(workdir) / "checkpoints"
   options = ocp.CheckpointManagerOptions(
       max_to_keep=None if read_only else max_to_keep, create=not read_only)
   return ocp.CheckpointManager(directory, options=options)
@@ -78,9 +75,6 @@ def save(manager, step: int, state, extra_meta: dict | None = None) -> dict:
           **(extra_meta or {})}
   manager.save(int(step), args=ocp.args.Composite(**{
       STATE: ocp.args.StandardSave(state), META: ocp.args.JsonSave(meta)}))
-  if os.environ.get("LT_CALIB_TEST_KILL_DURING_SAVE") == str(step):
-    # Test hook (tests/test_cli_runs.py): die while Orbax is still writing.
-    os.kill(os.getpid(), signal.SIGKILL)
   return meta
 
 
@@ -100,25 +94,28 @@ def read_meta(manager, step: int) -> dict:
 def read_state_tree(workdir, step: int | None = None) -> tuple:
   """(step, state as a plain nested dict of arrays) of a run's checkpoint.
 
-  For inspection and tests: no target is needed, arrays come back on the
-  default device.
+  For inspection and tests: no target is needed, and arrays come back on
+  this process's first device whatever mesh (devices, processes) saved them.
   """
   manager = make_manager(workdir, max_to_keep=1, read_only=True)
   step = manager.latest_step() if step is None else step
+  here = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   restored = manager.restore(step, args=ocp.args.Composite(**{
-      STATE: ocp.args.StandardRestore()}))
+      STATE: ocp.args.StandardRestore(fallback_sharding=here)}))
   manager.close()
   return step, restored[STATE]
 
 
 class PreemptionWatcher:
-  """Turns SIGTERM into a stop at a step boundary that every process agrees on.
+  """Turns SIGTERM into a stop at a boundary that every process agrees on.
 
   With JAX's distributed runtime, its preemption sync manager catches the
-  signal and `CheckpointManager.reached_preemption(step)` answers True at the
-  same step on every host (hosts that decided alone could save different
-  steps). A single process has no one to agree with: a Python handler sets
-  a flag that the next boundary reads.
+  signal on whichever host gets it and tells the others; each host then
+  stops at the same boundary (hosts that decided alone could save different
+  steps). The agreed boundary is one past the largest counter any host had
+  reported, and only that exact counter matches, so `reached` must be asked
+  at every boundary with a counter that grows by one each time. A single
+  process has no one to agree with: a Python handler sets a flag.
   """
 
   def __init__(self):
@@ -135,10 +132,15 @@ class PreemptionWatcher:
     del signum, frame
     self._flag = True
 
-  def reached(self, step: int, manager) -> bool:
-    """True once a preemption was signalled; call at every boundary, all hosts."""
+  def reached(self, boundary: int) -> bool:
+    """True once a preemption was signalled; ask at every boundary, on all hosts.
+
+    Args:
+      boundary: 1, 2, 3, ... for the successive boundaries of this process's
+        run (the same sequence on every host).
+    """
     if self._distributed:
-      return manager.reached_preemption(int(step))
+      return multihost_utils.reached_preemption_sync_point(int(boundary))
     return self._flag
 
   def close(self):

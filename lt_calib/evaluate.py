@@ -22,19 +22,21 @@ print(posthoc.test_prior_spec(RHO, C))")`).
 
 import csv
 import dataclasses
+import functools
+import io
 import json
 import logging
-import pathlib
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 from absl import app
 from absl import flags
 import jax
-from jax.sharding import NamedSharding, PartitionSpec as P
 import ml_collections
 import numpy as np
 
-from lt_calib import checkpointing, cli, feeding, losses, models, steps, train
+from lt_calib import (checkpointing, cli, evaluation, losses, models, parallel, steps,
+                      storage)
+from lt_calib import data as data_lib
 from lt_calib.calibration import metrics, posthoc, report
 from lt_calib.data import sources
 from lt_calib.errors import MissingDataError
@@ -66,9 +68,9 @@ def define_flags():
 class Run:
   """A restored run: its config, data, checkpoint step and a logits function."""
   config: ml_collections.ConfigDict
-  dataset: sources.Dataset
+  dataset: object  # sources.Dataset or pipeline.StreamingDataset.
   step: int
-  logits_fn: Callable[[np.ndarray], np.ndarray]
+  logits_fn: Callable[[Iterator[dict], int], np.ndarray]
   test_logits: np.ndarray
 
 
@@ -76,26 +78,25 @@ def load_run(workdir, checkpoint: Optional[int] = None, test_subset: int = 0) ->
   """Rebuilds a run's model from config.json and restores a checkpoint.
 
   Args:
-    workdir: training workdir.
+    workdir: training workdir (local or gs://).
     checkpoint: step to restore; None = the latest.
     test_subset: overrides dataset.test_subset (0 = full test set).
 
   Returns:
     Run, with the raw logits of the test set already computed.
   """
-  workdir = pathlib.Path(workdir)
-  if not (workdir / "config.json").is_file():
+  workdir = storage.as_path(workdir)
+  if not (workdir / "config.json").exists():
     raise MissingDataError(f"{workdir / 'config.json'} not found: --workdir must be "
                             "the folder of a training run.")
   config = ml_collections.ConfigDict(json.loads((workdir / "config.json").read_text()))
   config.dataset.test_subset = test_subset
-  dataset = sources.load_dataset(config.dataset)
+  dataset = data_lib.load(config.dataset)
   model = models.create_model(config.model, dataset.info.num_classes)
   tx, _ = steps.make_optimizer(config, len(dataset.train_labels) // config.batch_size)
-  mesh = train.make_mesh()
-  replicated = NamedSharding(mesh, P())
-  state = feeding.replicate(steps.create_train_state(
-      jax.random.key(0), model, dataset.train_images.shape[1:], tx), mesh)
+  mesh = parallel.make_mesh()
+  state = parallel.replicate(steps.create_train_state(
+      jax.random.key(0), model, dataset.image_shape, tx), mesh)
   manager = checkpointing.make_manager(workdir, max_to_keep=1, read_only=True)
   step = manager.latest_step() if checkpoint is None else checkpoint
   if step is None or step not in manager.all_steps():
@@ -103,18 +104,42 @@ def load_run(workdir, checkpoint: Optional[int] = None, test_subset: int = 0) ->
                            f"available: {list(manager.all_steps())}.")
   state = checkpointing.restore(manager, step, state)
   manager.close()
-  mean, std = dataset.info.mean, dataset.info.std
-  eval_fn = jax.jit(lambda state, images, index: (
-      steps.eval_step(state, images, mean, std), index), out_shardings=replicated)
-  rows = feeding.process_rows(mesh, config.eval_batch_size)
+  eval_step = evaluation.make_step(
+      functools.partial(steps.eval_step, mean=dataset.info.mean, std=dataset.info.std),
+      dataset.info.num_classes, config.calibration_bins, mesh)
+  batch = config.eval_batch_size
+  rows = parallel.process_rows(mesh, batch)
 
-  def logits_fn(images):
-    batches = feeding.in_memory_eval_batches(
-        images, np.zeros(len(images), np.int32), config.eval_batch_size, rows)
-    return feeding.gather_logits(eval_fn, state, batches, len(images), mesh,
-                                 config.eval_batch_size)
+  def logits_fn(batches, num_examples):
+    result = evaluation.run(eval_step, state, batches, num_examples, mesh, batch,
+                            keep_logits=True)
+    return evaluation.split_logits(result)
 
-  return Run(config, dataset, int(step), logits_fn, logits_fn(dataset.test_images))
+  test_logits = logits_fn(dataset.eval_batches(global_batch=batch, rows=rows),
+                          len(dataset.test_labels))
+  return Run(config, dataset, int(step), logits_fn, test_logits)
+
+
+def validation_logits(run: Run, per_class: int):
+  """(logits, labels) of a held-out split for temperature scaling, or None.
+
+  In-memory data: `per_class` unused training-pool images per class
+  (`sources.load_validation_split`); streamed data: the 'val' list, if the
+  dataset has one.
+  """
+  batch = run.config.eval_batch_size
+  rows = parallel.process_rows(parallel.make_mesh(), batch)
+  try:
+    if isinstance(run.dataset, sources.Dataset):
+      images, labels = sources.load_validation_split(run.config.dataset, per_class)
+      batches = sources.padded_batches(images, labels, batch, rows)
+    else:
+      labels = run.dataset.eval_labels("val")
+      batches = run.dataset.eval_batches(global_batch=batch, rows=rows, split="val")
+  except FileNotFoundError as e:
+    logging.warning("temperature scaling skipped: %s", e)
+    return None
+  return run.logits_fn(batches, len(labels)), labels
 
 
 def shifted_log_prior(labels, indices, num_classes) -> np.ndarray:
@@ -213,7 +238,7 @@ def evaluate_workdir(workdir, checkpoint=None, test_rhos=(1.0,), val_per_class=5
                      out=None, test_subset=0, seed=0, bayias_runs=None,
                      compare_runs=()) -> dict:
   """Everything the CLI does; returns what it writes to evaluation.json."""
-  out = pathlib.Path(out or workdir)
+  out = storage.as_path(out or workdir)
   out.mkdir(parents=True, exist_ok=True)
   run = load_run(workdir, checkpoint, test_subset)
   labels, counts = run.dataset.test_labels, run.dataset.prior.counts
@@ -225,14 +250,10 @@ def evaluate_workdir(workdir, checkpoint=None, test_rhos=(1.0,), val_per_class=5
   title = (f"{config.dataset.name} rho={config.dataset.imbalance_ratio:g} "
            f"{config.mix.name}+{config.loss.name} step {run.step} test rho'={main_rho:g}")
   temperature = None
-  if val_per_class > 0:
-    try:
-      images, val_labels = sources.load_validation_split(config.dataset, val_per_class)
-      temperature = report.temperature_section(
-          run.logits_fn(images), val_labels, logits, labels[idx], counts,
-          config.calibration_bins)
-    except FileNotFoundError as e:
-      logging.warning("temperature scaling skipped: %s", e)
+  validation = validation_logits(run, val_per_class) if val_per_class > 0 else None
+  if validation is not None:
+    temperature = report.temperature_section(*validation, logits, labels[idx], counts,
+                                             config.calibration_bins)
   extra, columns = [], {}
   # z + log pi' - log pi_ref; shown when it changes anything (not for a
   # Bayias-uniform model on the balanced set).
@@ -262,12 +283,13 @@ def evaluate_workdir(workdir, checkpoint=None, test_rhos=(1.0,), val_per_class=5
         + [f"- Bayias trained for pi' (rho'={rho:g}): {path}"
            for rho, path in (bayias_runs or {}).items()])
     table = label_shift_markdown(rows, description)
-    (out / "label_shift.md").write_text("# Test label shift (Table D2 protocol)\n\n"
-                                        + table)
-    with open(out / "label_shift.csv", "w", newline="") as f:
-      writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-      writer.writeheader()
-      writer.writerows(rows)
+    storage.write_text(out / "label_shift.md",
+                       "# Test label shift (Table D2 protocol)\n\n" + table)
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    storage.write_text(out / "label_shift.csv", text.getvalue())
     extra.append(("Test label shift (label_shift.md)", table))
     result["label_shift"] = rows
   summary = report.write_report(out, logits, labels[idx], counts, config.calibration_bins,
@@ -279,7 +301,7 @@ def evaluate_workdir(workdir, checkpoint=None, test_rhos=(1.0,), val_per_class=5
     result["prior_corrected"] = columns["prior-corrected"]
   if temperature is not None:
     result["temperature"] = temperature
-  (out / "evaluation.json").write_text(json.dumps(result, indent=2) + "\n")
+  storage.write_text(out / "evaluation.json", json.dumps(result, indent=2) + "\n")
   return result
 
 
@@ -295,7 +317,7 @@ def main(argv):
   s = result["summary"]
   print(f"step {result['checkpoint_step']} rho'={result['test_rho']:g}: top1 "
         f"{100 * s['top1']:.2f}% ECE {100 * s['ece']:.2f}% NLL {s['nll']:.4f}; report in "
-        f"{pathlib.Path(FLAGS.out or FLAGS.workdir) / 'report.md'}")
+        f"{storage.as_path(FLAGS.out or FLAGS.workdir) / 'report.md'}")
 
 
 if __name__ == "__main__":

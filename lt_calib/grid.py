@@ -51,7 +51,7 @@ import jax
 from ml_collections import config_flags
 import numpy as np
 
-from lt_calib import cli, mixing, population, reporting, run_record, train
+from lt_calib import cli, mixing, population, reporting, run_record, storage, train
 from lt_calib.errors import ConfigError, WorkdirError
 
 FLAGS = flags.FLAGS
@@ -475,9 +475,9 @@ def run_grid(grid, workdir: str, train_fn: Callable | None = None) -> list:
     finals.setdefault((cell.mix, cell.loss), []).append(
         {**summary["final"], "best_top1": best_top1(cell_dir, summary)})
   rows = aggregate(grid, finals)
-  reporting.write_text(workdir / "table.md", table_markdown(grid, rows))
-  reporting.write_text(workdir / "table.csv", table_csv(rows))
-  reporting.write_text(workdir / "grid.json", json.dumps({
+  storage.write_text(workdir / "table.md", table_markdown(grid, rows))
+  storage.write_text(workdir / "table.csv", table_csv(rows))
+  storage.write_text(workdir / "grid.json", json.dumps({
       "grid": json.loads(grid.to_json_best_effort()), "failed_cells": failed,
       "missing_cells": missing}, indent=2, sort_keys=True) + "\n")
   if missing:

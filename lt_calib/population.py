@@ -22,11 +22,10 @@ import time
 from etils import epath
 import jax
 import jax.numpy as jnp
-from jax.sharding import NamedSharding, PartitionSpec as P
 import numpy as np
 
-from lt_calib import (checkpointing, config_checks, distributed, feeding, losses, models,
-                      reporting, run_record, steps, train)
+from lt_calib import (checkpointing, config_checks, distributed, evaluation, losses, models,
+                      parallel, reporting, run_record, steps, train)
 from lt_calib import data as data_lib
 from lt_calib.calibration import metrics, report
 from lt_calib.errors import ConfigError
@@ -69,7 +68,7 @@ def build(configs, dataset, mesh) -> train.Setup:
     train.Setup whose state, step config and run keys have a leading K axis.
   """
   config = configs[0]
-  replicated = NamedSharding(mesh, P())
+  replicated = parallel.replicated(mesh)
   step_cfg = _stack([steps.make_step_config(c, dataset) for c in configs])
   loss_fn = losses.make_loss(config.loss, dataset.prior, step_cfg.steps_per_epoch,
                              models.logit_scale(config.model))
@@ -84,20 +83,13 @@ def build(configs, dataset, mesh) -> train.Setup:
                           out_shardings=(replicated, replicated))
   max_steps = train.steps_per_dispatch(config, step_cfg.steps_per_epoch)
   run_chunk = None if max_steps == 1 else jit(train.chunk_runner(one_step, max_steps))
-  mean, std = dataset.info.mean, dataset.info.std
-  logits_of = jax.vmap(lambda state, images: steps.eval_step(state, images, mean, std),
-                       in_axes=(0, None))
-
-  def eval_fn(state, images, index):
-    # [K, B, C] -> [B, K * C]: rows stay images, as `feeding.gather_logits` expects.
-    logits = logits_of(state, images)
-    return jnp.transpose(logits, (1, 0, 2)).reshape(logits.shape[1], -1), index
-
-  arrays = feeding.replicate((dataset.train_images, dataset.train_labels, step_cfg,
-                              run_keys), mesh)
-  return train.Setup(jit(one_step), run_chunk,
-                     jax.jit(eval_fn, out_shardings=replicated),
-                     feeding.replicate(state, mesh),
+  logits_of = jax.vmap(functools.partial(steps.eval_step, mean=dataset.info.mean,
+                                         std=dataset.info.std), in_axes=(0, None))
+  eval_step = evaluation.make_step(logits_of, dataset.info.num_classes,
+                                   config.calibration_bins, mesh, members=True)
+  arrays = parallel.replicate((dataset.train_images, dataset.train_labels, step_cfg,
+                               run_keys), mesh)
+  return train.Setup(jit(one_step), run_chunk, eval_step, parallel.replicate(state, mesh),
                      arrays, step_cfg, streaming=False)
 
 
@@ -111,26 +103,16 @@ class Members:
   evaluations: list
 
 
-def gather_member_logits(run: train.Run) -> np.ndarray:
-  """[K, M, C] test logits of every member."""
-  config, dataset = run.config, run.dataset
-  rows = feeding.process_rows(run.mesh, config.eval_batch_size)
-  batches = feeding.in_memory_eval_batches(dataset.test_images, dataset.test_labels,
-                                           config.eval_batch_size, rows)
-  flat = feeding.gather_logits(run.setup.eval_fn, run.state, batches,
-                               len(dataset.test_labels), run.mesh, config.eval_batch_size)
-  return flat.reshape(len(flat), run.state.step.shape[0], -1).transpose(1, 0, 2)
-
-
 def make_evaluate(members: Members):
   """The group's evaluation: every member's metrics into its own files."""
 
   def evaluate(run: train.Run, epoch: int, step: int):
-    logits = gather_member_logits(run)
+    result = train.evaluate_test_set(run, keep_logits=True)
+    logits = evaluation.split_logits(result)  # [K, M, C]
     for k, member_logits in enumerate(logits):
-      record = metrics.summarize(member_logits, run.dataset.test_labels,
-                                 run.dataset.prior.counts,
-                                 num_bins=run.config.calibration_bins)
+      record = evaluation.summarize(evaluation.member(result.statistics, k),
+                                    run.dataset.prior.counts, member_logits,
+                                    run.dataset.test_labels, run.config.calibration_bins)
       record.update(epoch=epoch, step=step)
       members.evaluations[k].append(record)
       members.eval_logs[k].append(record)
@@ -159,13 +141,13 @@ def _prepare(configs, workdirs, group_workdir, allow_config_change):
   identity = run_record.data_identity(dataset)
   changes = [run_record.check(w, c, identity, allow_config_change)
              for w, c in zip(workdirs, configs)]
-  mesh = train.make_mesh()
+  mesh = parallel.make_mesh()
   setup = build(configs, dataset, mesh)
   manager = checkpointing.make_manager(group_workdir, configs[0].keep_checkpoints)
   state, latest = setup.state, manager.latest_step()
   if latest is not None:
     state = checkpointing.restore(manager, latest, state)
-  start_step = int(feeding.local_value(state.step)[0])
+  start_step = int(parallel.local_value(state.step)[0])
   is_main = distributed.is_main_process()
   if is_main:
     for w, c, change in zip(workdirs, configs, changes):
@@ -227,7 +209,8 @@ def _finish_member(run: train.Run, members: Members, k: int, wall: float) -> dic
   if distributed.is_main_process():
     reporting.write_json(epath.Path(workdir) / "summary.json", summary)
     report.write_training_report(workdir, config, run.final_logits[k],
-                                 run.dataset.test_labels, run.dataset.prior.counts)
+                                 run.dataset.test_labels, run.dataset.prior.counts,
+                                 evaluations[-1])
   return summary
 
 
@@ -262,7 +245,7 @@ def train_population(configs, workdirs, group_workdir, allow_config_change: bool
     _member_train_logs(run, members)
   if outcome != "finished":
     run.manager.close()
-    step = int(feeding.local_value(run.state.step)[0])
+    step = int(parallel.local_value(run.state.step)[0])
     return [{"stopped_at_step": step, "reason": outcome} for _ in configs]
   if run.final_logits is None or members.evaluations[0][-1]["step"] != run.total_steps:
     for evaluations, log in zip(members.evaluations, members.eval_logs):

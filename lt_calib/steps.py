@@ -124,16 +124,17 @@ def make_optimizer(config, steps_per_epoch: int):
     (optax transformation, schedule fn of the step).
   """
   opt = config.optim
+  base = base_learning_rate(config)
   warmup = int(opt.warmup_epochs * steps_per_epoch)
   boundaries, previous = {}, 1.0
   for epoch, factor in zip(opt.decay_epochs, opt.decay_factors):
     boundaries[int(epoch * steps_per_epoch) - warmup] = factor / previous
     previous = factor
-  constant = optax.piecewise_constant_schedule(opt.learning_rate, boundaries)
+  constant = optax.piecewise_constant_schedule(base, boundaries)
   if warmup > 0:
     # Starts at base/warmup so the first step already learns, as the
     # reference code's epoch-wise lr = base * epoch / 5 does.
-    ramp = optax.linear_schedule(opt.learning_rate / warmup, opt.learning_rate, warmup)
+    ramp = optax.linear_schedule(base / warmup, base, warmup)
     schedule = optax.join_schedules([ramp, constant], [warmup])
   else:
     schedule = constant
@@ -141,6 +142,23 @@ def make_optimizer(config, steps_per_epoch: int):
       optax.add_decayed_weights(opt.weight_decay),
       optax.sgd(schedule, momentum=opt.momentum, nesterov=opt.nesterov))
   return tx, schedule
+
+
+LR_SCALING = ("none", "linear")
+
+
+def base_learning_rate(config) -> float:
+  """`optim.learning_rate`, scaled with the global batch if `optim.lr_scaling` says.
+
+  'linear' (Goyal et al. 2017): lr = learning_rate * batch_size /
+  reference_batch_size, the learning rate being the one a paper gives for
+  its reference batch (App. C.2: 0.2 at 512 for ResNet-10). 'none' (or no
+  field, as in configs saved before it existed) keeps learning_rate.
+  """
+  opt = config.optim
+  if opt.get("lr_scaling", "none") == "linear":
+    return opt.learning_rate * config.batch_size / opt.reference_batch_size
+  return opt.learning_rate
 
 
 def create_train_state(key, model, image_shape, tx) -> TrainState:
@@ -211,7 +229,7 @@ def streamed_batch(batch: dict, key: jax.Array, cfg: StepConfig) -> dict:
   Args:
     batch: 'image' uint8 [B, S, S, 3] and 'label' int32 [B] of the main batch,
       and 'partner_image' / 'partner_label' when the pipeline drew the R*
-      partner batch (`mix.pairing='sampler'`).
+      partner batch (`mix.pairing='sampler'`, before `mix_stop_step`).
     key: the step's key (in-batch partners, manifold mixup's permutation).
     cfg: StepConfig.
 
@@ -221,7 +239,9 @@ def streamed_batch(batch: dict, key: jax.Array, cfg: StepConfig) -> dict:
   labels = batch["label"]
   images = augment.normalize(batch["image"], cfg.mean, cfg.std)
   out = {"image": images, "label": labels}
-  if cfg.mix_factor is None:
+  if cfg.mix_factor is None or (cfg.mix_space == "input" and "partner_image" not in batch):
+    # No mixing, or past T1, where the pipeline stops decoding partners and
+    # xi = 1 makes any partner drop out exactly (1 x + 0 x' = x).
     out["partner_image"], out["partner_label"] = images, labels
   elif cfg.mix_space == "hidden":
     position = jax.random.permutation(key, cfg.batch_size).astype(jnp.int32)

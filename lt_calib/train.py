@@ -19,21 +19,21 @@ stopped; the streamed index sequence is a function of (seed, step) too.
 
 import dataclasses
 import functools
-import os
+import itertools
+import logging
 import time
 from typing import Any, Callable, NamedTuple
 
 from etils import epath
 import jax
 import jax.numpy as jnp
-from jax.sharding import NamedSharding, PartitionSpec as P
 import ml_collections
 import numpy as np
 
-from lt_calib import (checkpointing, config_checks, distributed, feeding, losses, models,
-                      reporting, run_record, steps)
+from lt_calib import (checkpointing, config_checks, distributed, evaluation, losses, models,
+                      parallel, reporting, run_record, steps, storage)
 from lt_calib import data as data_lib
-from lt_calib.calibration import metrics, report
+from lt_calib.calibration import report
 from lt_calib.errors import UserError, WorkdirError
 
 # Exit status of a run stopped by SIGTERM (128 + 15, as a shell reports it).
@@ -48,21 +48,11 @@ class Setup(NamedTuple):
   """A run's compiled functions, initial state and device-resident inputs."""
   update: Callable   # One step: (state, *arrays) or (state, batch, *arrays).
   run_chunk: Callable | None  # In memory: (state, num_steps, *arrays) -> (state, stats[max]).
-  eval_fn: Callable  # (state, uint8 images, index) -> (logits, index), replicated.
+  eval_step: Callable  # evaluation.make_step: (state, images, labels, index) -> (stats, logits).
   state: Any
   arrays: tuple      # In memory: (images, labels, step_cfg, run_keys); else (step_cfg, run_keys).
   step_cfg: steps.StepConfig
   streaming: bool
-
-
-def make_mesh() -> jax.sharding.Mesh:
-  """A 1-D mesh over every device of every process, axis 'data'.
-
-  Auto axis type: the compiler propagates the data sharding from the batch
-  constraint (explicit-sharding mode would make every op spell it out).
-  """
-  return jax.make_mesh((jax.device_count(),), ("data",),
-                       axis_types=(jax.sharding.AxisType.Auto,))
 
 
 def chunk_runner(one_step: Callable, max_steps: int) -> Callable:
@@ -99,7 +89,7 @@ def make_one_step(loss_fn, schedule, mesh, streaming: bool) -> Callable:
   In memory: (state, images, labels, step_cfg, run_keys); streamed:
   (state, batch, step_cfg, run_keys) with `batch` the uint8 global batch.
   """
-  data_sharded = NamedSharding(mesh, P("data"))
+  data_sharded = parallel.data_sharding(mesh)
 
   def finish(state, batch, mix_key, step_cfg):
     batch = jax.lax.with_sharding_constraint(batch, data_sharded)
@@ -150,7 +140,7 @@ def build(config, dataset, mesh) -> Setup:
   Returns:
     Setup.
   """
-  replicated = NamedSharding(mesh, P())
+  replicated = parallel.replicated(mesh)
   streaming = not hasattr(dataset, "train_images")
   step_cfg = steps.make_step_config(config, dataset)
   loss_fn = losses.make_loss(config.loss, dataset.prior, step_cfg.steps_per_epoch,
@@ -161,22 +151,20 @@ def build(config, dataset, mesh) -> Setup:
   # folded with the global step. They enter the step as an argument, not as
   # constants, so runs that differ only in the seed compile to one program.
   run_keys = jax.random.split(jax.random.key(config.seed), 3)
-  size = dataset.info.image_size
-  image_shape = (size, size, 3) if streaming else dataset.train_images.shape[1:]
-  state = steps.create_train_state(run_keys[0], model, image_shape, tx)
+  state = steps.create_train_state(run_keys[0], model, dataset.image_shape, tx)
   one_step = make_one_step(loss_fn, schedule, mesh, streaming)
   jit = functools.partial(jax.jit, donate_argnums=(0,),
                           out_shardings=(replicated, replicated))
   update = jit(one_step)
   max_steps = steps_per_dispatch(config, step_cfg.steps_per_epoch)
   run_chunk = None if streaming or max_steps == 1 else jit(chunk_runner(one_step, max_steps))
-  mean, std = dataset.info.mean, dataset.info.std
-  eval_fn = jax.jit(lambda state, images, index: (
-      steps.eval_step(state, images, mean, std), index), out_shardings=replicated)
+  eval_step = evaluation.make_step(
+      functools.partial(steps.eval_step, mean=dataset.info.mean, std=dataset.info.std),
+      dataset.info.num_classes, config.calibration_bins, mesh)
   arrays = (step_cfg, run_keys) if streaming else (
       dataset.train_images, dataset.train_labels, step_cfg, run_keys)
-  return Setup(update, run_chunk, eval_fn, feeding.replicate(state, mesh),
-               feeding.replicate(arrays, mesh), step_cfg, streaming)
+  return Setup(update, run_chunk, eval_step, parallel.replicate(state, mesh),
+               parallel.replicate(arrays, mesh), step_cfg, streaming)
 
 
 @dataclasses.dataclass
@@ -200,7 +188,7 @@ class Run:
   wall_start: float = dataclasses.field(default_factory=time.time)
   train_batches: Any = None       # Streamed: iterator of this process's rows.
   evaluations: list = dataclasses.field(default_factory=list)
-  final_logits: np.ndarray | None = None
+  final_logits: np.ndarray | None = None  # [M, C] of the latest evaluation that kept them.
 
   @property
   def steps_per_epoch(self) -> int:
@@ -212,16 +200,16 @@ def advance(run: Run, num_steps: int) -> dict:
   setup = run.setup
   if setup.run_chunk is not None:
     run.state, buffer = setup.run_chunk(run.state, jnp.int32(num_steps), *setup.arrays)
-    return {k: feeding.local_value(v)[:num_steps] for k, v in buffer.items()}
+    return {k: parallel.local_value(v)[:num_steps] for k, v in buffer.items()}
   history = []
   for _ in range(num_steps):  # Dispatches run ahead; nothing blocks until the end.
     if setup.streaming:
-      batch = feeding.to_global(next(run.train_batches), run.mesh, run.config.batch_size)
+      batch = parallel.to_global(next(run.train_batches), run.mesh, run.config.batch_size)
       run.state, stats = setup.update(run.state, batch, *setup.arrays)
     else:
       run.state, stats = setup.update(run.state, *setup.arrays)
     history.append(stats)
-  return {k: np.stack([feeding.local_value(s[k]) for s in history]) for k in history[0]}
+  return {k: np.stack([parallel.local_value(s[k]) for s in history]) for k in history[0]}
 
 
 def next_boundary(done: int, run: Run, stop_at_step: int | None) -> int:
@@ -263,22 +251,28 @@ def log_interval(run: Run, done: int, stats: dict) -> None:
                                   "images_per_second": speed["images_per_second"]})
 
 
+def evaluate_test_set(run: Run, keep_logits: bool) -> evaluation.Result:
+  """Statistics (and this process's logits) of the test split."""
+  config = run.config
+  rows = parallel.process_rows(run.mesh, config.eval_batch_size)
+  batches = run.dataset.eval_batches(global_batch=config.eval_batch_size, rows=rows)
+  return evaluation.run(run.setup.eval_step, run.state, batches,
+                        len(run.dataset.test_labels), run.mesh, config.eval_batch_size,
+                        keep_logits)
+
+
 def evaluate(run: Run, epoch: int, step: int) -> dict:
-  """Test metrics of the current state; written by process 0."""
+  """Test metrics of the current state; written by process 0.
+
+  One process keeps the logits of the test set (ACE, TACE); several
+  processes keep none but at the end of training (`finish`).
+  """
   dataset, config = run.dataset, run.config
-  rows = feeding.process_rows(run.mesh, config.eval_batch_size)
-  if run.setup.streaming:
-    batches = dataset.eval_batches(global_batch=config.eval_batch_size,
-                                   process_index=jax.process_index(),
-                                   process_count=jax.process_count())
-  else:
-    batches = feeding.in_memory_eval_batches(dataset.test_images, dataset.test_labels,
-                                             config.eval_batch_size, rows)
-  logits = feeding.gather_logits(run.setup.eval_fn, run.state, batches,
-                                 len(dataset.test_labels), run.mesh,
-                                 config.eval_batch_size)
-  record = metrics.summarize(logits, dataset.test_labels, dataset.prior.counts,
-                             num_bins=config.calibration_bins)
+  result = evaluate_test_set(run, keep_logits=jax.process_count() == 1
+                             or step == run.total_steps)
+  logits = evaluation.split_logits(result) if result.logits is not None else None
+  record = evaluation.summarize(result.statistics, dataset.prior.counts, logits,
+                                dataset.test_labels, config.calibration_bins)
   record.update(epoch=epoch, step=step)
   run.evaluations.append(record)
   run.final_logits = logits
@@ -309,7 +303,12 @@ def train_loop(run: Run, stop_at_step: int | None, watcher, evaluate_fn=None) ->
   evaluate_fn = evaluate_fn or evaluate
   config, spe, done = run.config, run.steps_per_epoch, run.start_step
   run.console.start()
-  while done < run.total_steps:
+  # JAX's preemption sync point is one past the largest counter any host
+  # reported, and only that exact value matches: the counter must advance by
+  # one per boundary, the same on every host (the global step jumps).
+  for boundary in itertools.count(1):
+    if done >= run.total_steps:
+      break
     target = next_boundary(done, run, stop_at_step)
     stats = advance(run, target - done)
     check_finite(stats, done, run.last_checkpoint)
@@ -323,8 +322,9 @@ def train_loop(run: Run, stop_at_step: int | None, watcher, evaluate_fn=None) ->
         evaluate_fn(run, epoch, done)
       if epoch % config.checkpoint_every_epochs == 0 or done == run.total_steps:
         save_checkpoint(run, done)
+    preempted = watcher.reached(boundary)  # Asked at every boundary, on every host.
     reason = ("stop_at_step" if done == stop_at_step else
-              "preempted" if watcher.reached(done, run.manager) else None)
+              "preempted" if preempted else None)
     if reason and done < run.total_steps:
       save_checkpoint(run, done)
       run.manager.wait_until_finished()
@@ -345,10 +345,11 @@ def describe(run: Run) -> None:
              f"({int(counts.max())} to {int(counts.min())} per class), "
              f"{len(dataset.test_labels):,} test images")
   print_line(f"model: {config.model.name} depth {config.model.depth} width "
-             f"{config.model.width} ({config.model.dtype}), {params:,} parameters; "
-             f"mix {config.mix.name}, loss {config.loss.name}")
+             f"{config.model.width} ({models.resolve_dtype_name(config.model.dtype)}), "
+             f"{params:,} parameters; mix {config.mix.name}, loss {config.loss.name}")
   print_line(f"devices: {jax.device_count()} x {jax.devices()[0].device_kind} in "
-             f"{jax.process_count()} process(es); global batch {config.batch_size}")
+             f"{jax.process_count()} process(es); global batch {config.batch_size}, "
+             f"learning rate {steps.base_learning_rate(config):g}")
   print_line(f"steps: {run.total_steps} ({config.num_epochs} epochs of "
              f"{run.steps_per_epoch})" + (f", resuming at step {run.start_step}"
                                            if run.start_step else ""))
@@ -357,18 +358,18 @@ def describe(run: Run) -> None:
 
 def open_workdir(workdir) -> epath.Path:
   """The workdir as a path, created if needed (local folders checked first)."""
-  workdir = epath.Path(workdir)
-  if not str(workdir).startswith("gs://") and workdir.exists() and not workdir.is_dir():
+  workdir = storage.as_path(workdir)
+  if not storage.is_remote(workdir) and workdir.exists() and not workdir.is_dir():
     raise WorkdirError(f"--workdir={workdir} is a file, not a folder; choose a folder.")
   workdir.mkdir(parents=True, exist_ok=True)
   return workdir
 
 
-def prepare(config, workdir, allow_config_change: bool) -> Run:
+def prepare(config, workdir, allow_config_change: bool, mesh=None) -> Run:
   """Checks, loads data, builds, restores: everything before the first step."""
   config_checks.check_config(config, jax.device_count())
   workdir = open_workdir(workdir)
-  mesh = make_mesh()
+  mesh = parallel.make_mesh() if mesh is None else mesh
   dataset = data_lib.load(config.dataset)
   identity = run_record.data_identity(dataset)
   changes = run_record.check(workdir, config, identity, allow_config_change)
@@ -377,12 +378,7 @@ def prepare(config, workdir, allow_config_change: bool) -> Run:
   state, latest = setup.state, manager.latest_step()
   if latest is not None:
     state = checkpointing.restore(manager, latest, state)
-  if os.environ.get("LT_CALIB_TEST_WALL_CLOCK_NOISE"):
-    # Test hook (tests/test_cli_runs.py): a run that is not reproducible, for
-    # `lt_calib.check` to catch.
-    state = state.replace(params=jax.tree.map(
-        lambda p: p + jnp.asarray(time.time_ns() % 997 * 1e-9, p.dtype), state.params))
-  start_step = int(feeding.local_value(state.step))
+  start_step = int(parallel.local_value(state.step))
   is_main = distributed.is_main_process()
   record = run_record.write(workdir, config, identity, changes, start_step) if is_main else {}
   run = Run(config=config, workdir=workdir, dataset=dataset, setup=setup, mesh=mesh,
@@ -411,9 +407,10 @@ def _streamed_train_batches(run: Run):
   main = None if cfg.batch_log_class_probs is None else np.asarray(cfg.batch_log_class_probs)
   return run.dataset.train_batches(
       seed=int(run.config.seed), start_step=run.start_step,
-      global_batch=run.config.batch_size, main_log_class_probs=main,
-      partner_log_class_probs=partner, process_index=jax.process_index(),
-      process_count=jax.process_count())
+      global_batch=run.config.batch_size,
+      rows=parallel.process_rows(run.mesh, run.config.batch_size),
+      main_log_class_probs=main, partner_log_class_probs=partner,
+      partner_until_step=cfg.mix_stop_step)
 
 
 def summarize(run: Run, wall_seconds: float) -> dict:
@@ -432,6 +429,8 @@ def summarize(run: Run, wall_seconds: float) -> dict:
       "data_source": dataset.source,
       "config": run_record.config_dict(config),
       "seed": config.seed,
+      "compute_dtype": models.resolve_dtype_name(config.model.dtype),
+      "base_learning_rate": steps.base_learning_rate(config),
       "steps": run.total_steps,
       "steps_this_run": run.total_steps - run.start_step,
       "resumed_from_step": run.start_step or None,
@@ -448,7 +447,7 @@ def summarize(run: Run, wall_seconds: float) -> dict:
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                        allow_config_change: bool = False,
-                       stop_at_step: int | None = None) -> dict:
+                       stop_at_step: int | None = None, mesh=None) -> dict:
   """Trains, evaluates and checkpoints; resumes from `workdir` if possible.
 
   Args:
@@ -459,13 +458,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     allow_config_change: resume even if the workdir's saved config differs
       (the change is recorded in run.json and summary.json).
     stop_at_step: checkpoint and return at this step, as on preemption.
+    mesh: the device mesh (axis 'data'); default `parallel.make_mesh()`.
 
   Returns:
     The summary dict written to summary.json, or {'stopped_at_step': k,
     'reason': 'stop_at_step' | 'preempted'} when the run stopped early.
   """
   wall_start = time.time()
-  run = prepare(config, workdir, allow_config_change)
+  run = prepare(config, workdir, allow_config_change, mesh)
   run.wall_start = wall_start
   describe(run)
   watcher = checkpointing.PreemptionWatcher()
@@ -478,17 +478,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     run.writer.flush()
   if outcome != "finished":
     run.manager.close()
-    return {"stopped_at_step": int(feeding.local_value(run.state.step)), "reason": outcome}
-  if run.final_logits is None or run.evaluations[-1]["step"] != run.total_steps:
-    if run.evaluations and run.evaluations[-1]["step"] == run.total_steps:
-      # Resumed after the last evaluation: redo it for the logits of the report.
-      run.evaluations.pop()
-      run.eval_log.records.pop()
+    return {"stopped_at_step": int(parallel.local_value(run.state.step)), "reason": outcome}
+  if not run.evaluations or run.evaluations[-1]["step"] != run.total_steps:
     evaluate(run, -(-run.total_steps // run.steps_per_epoch), run.total_steps)
+  elif run.final_logits is None:
+    # Resumed after the last evaluation: its logits, for the report only.
+    run.final_logits = evaluation.split_logits(evaluate_test_set(run, keep_logits=True))
+  validation = validation_logits(run)  # Every process takes part.
   summary = summarize(run, time.time() - run.wall_start)
   if distributed.is_main_process():
     reporting.write_json(run.workdir / "summary.json", summary)
-    write_report(run)
+    report.write_training_report(run.workdir, run.config, run.final_logits,
+                                 run.dataset.test_labels, run.dataset.prior.counts,
+                                 summary["final"], validation)
   run.manager.close()
   run.writer.close()
   run.console.line(f"done: top-1 {100 * summary['final']['top1']:.2f} %, ECE "
@@ -496,17 +498,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   return summary
 
 
-def write_report(run: Run) -> None:
-  """Pictures and report.md (temperature scaling when dataset.val_per_class > 0)."""
-  config = run.config
+def validation_logits(run: Run):
+  """(logits, labels) of the held-out split for temperature scaling, or None.
 
-  def logits_fn(images):
-    rows = feeding.process_rows(run.mesh, config.eval_batch_size)
-    labels = np.zeros(len(images), np.int32)
-    batches = feeding.in_memory_eval_batches(images, labels, config.eval_batch_size, rows)
-    return feeding.gather_logits(run.setup.eval_fn, run.state, batches, len(images),
-                                 run.mesh, config.eval_batch_size)
-
-  report.write_training_report(run.workdir, config, run.final_logits,
-                               run.dataset.test_labels, run.dataset.prior.counts,
-                               logits_fn=None if run.setup.streaming else logits_fn)
+  Only in-memory CIFAR data has that split (`dataset.val_per_class` > 0).
+  """
+  per_class = int(run.config.dataset.get("val_per_class", 0) or 0)
+  if per_class <= 0 or run.setup.streaming:
+    return None
+  try:
+    images, labels = data_lib.sources.load_validation_split(run.config.dataset, per_class)
+  except FileNotFoundError as e:
+    logging.warning("temperature scaling skipped: %s", e)
+    return None
+  batch = run.config.eval_batch_size
+  batches = data_lib.sources.padded_batches(
+      images, labels, batch, parallel.process_rows(run.mesh, batch))
+  result = evaluation.run(run.setup.eval_step, run.state, batches, len(labels), run.mesh,
+                          batch, keep_logits=True)
+  return evaluation.split_logits(result), labels

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lt_calib import checkpointing, population, train
+from lt_calib import checkpointing, parallel, population, train
 from lt_calib import data as data_lib
 from tests.conftest import tiny_config
 from tests.test_methods import synthetic_config, synthetic_dataset
@@ -33,7 +33,7 @@ def trees_equal(a, b):
 def test_compiled_chunk_equals_the_step_loop():
   dataset = synthetic_dataset()
   config = synthetic_config(mix__name="unimix", steps_per_dispatch=6)
-  setup = train.build(config, dataset, train.make_mesh())
+  setup = train.build(config, dataset, parallel.make_mesh())
   arrays, initial = setup.arrays, jax.tree.map(jnp.copy, setup.state)
 
   state, losses = jax.tree.map(jnp.copy, initial), []

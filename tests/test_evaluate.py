@@ -121,11 +121,9 @@ def test_training_report_call(tiny_run, tmp_path):
   """The call the end of training makes, with temperature scaling configured."""
   workdir, _ = tiny_run
   run = evaluate.load_run(workdir, test_subset=200)
-  config = run.config
-  config.dataset.val_per_class = 5
   summary = report.write_training_report(
-      tmp_path, config, run.test_logits, run.dataset.test_labels,
-      run.dataset.prior.counts, logits_fn=run.logits_fn)
+      tmp_path, run.config, run.test_logits, run.dataset.test_labels,
+      run.dataset.prior.counts, validation=evaluate.validation_logits(run, 5))
   saved = json.loads((tmp_path / "report.json").read_text())
   assert saved["raw"] == summary
   assert saved["temperature"]["val_count_per_class"] == [0] + [5] * 9

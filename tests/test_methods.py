@@ -11,7 +11,7 @@ from scipy.special import log_softmax
 
 import optax
 
-from lt_calib import config_checks, losses, mixing, models, steps, train
+from lt_calib import config_checks, losses, mixing, models, parallel, steps, train
 from lt_calib.data import long_tail, sources
 from lt_calib.models import heads
 from tests.conftest import tiny_config
@@ -336,14 +336,16 @@ def separable():
 def test_method_trains_on_a_separable_set(name, separable):
   config = synthetic_config(**SMOKE_RUNS[name])
   config_checks.check_config(config)
-  setup = train.build(config, separable, train.make_mesh())
+  setup = train.build(config, separable, parallel.make_mesh())
   state, losses_seen = setup.state, []
   for _ in range(config.num_epochs * setup.step_cfg.steps_per_epoch):
     state, step_stats = setup.update(state, *setup.arrays)
     losses_seen.append(float(step_stats["loss"]))
   assert np.all(np.isfinite(losses_seen))
   assert np.mean(losses_seen[-5:]) < np.mean(losses_seen[:5])
-  logits = np.asarray(setup.eval_fn(state, jnp.asarray(separable.test_images),
-                                    jnp.zeros(len(separable.test_images)))[0])
-  accuracy = np.mean(logits.argmax(1) == separable.test_labels)
+  test = len(separable.test_labels)
+  stats, logits = setup.eval_step(state, jnp.asarray(separable.test_images),
+                                  jnp.asarray(separable.test_labels), jnp.arange(test))
+  accuracy = np.mean(np.asarray(logits).argmax(1) == separable.test_labels)
+  assert int(stats["top1_correct"]) == round(accuracy * test)
   assert accuracy > 0.5, accuracy  # Chance is 0.25 on the balanced test set.

@@ -18,9 +18,10 @@ from PIL import Image
 import pytest
 from scipy import stats
 
+from lt_calib import parallel
 from lt_calib.data import fake, lists, pipeline, sampling
 from lt_calib.errors import ConfigError, DataError, MissingDataError
-from tests.test_lists import mock_gcs
+from tests.test_lists import upload
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 SIZE = 24  # Output side of the test pipelines.
@@ -127,14 +128,17 @@ def test_empty_class_is_never_drawn():
   assert set(labels[rows].tolist()) == {0, 2}
 
 
-def test_host_slices_partition_the_global_batch():
-  rows = pipeline.epoch_batch_indices(0, 5, 1000, 48)
-  for count in (1, 2, 3, 4):
-    parts = [pipeline.host_slice(rows, p, count) for p in range(count)]
-    assert all(len(part) == 48 // count for part in parts)
-    assert np.array_equal(np.concatenate(parts), rows)
-  with pytest.raises(ConfigError, match="multiple of the 5 processes"):
-    pipeline.host_slice(rows, 0, 5)
+def test_rows_of_a_process_are_checked():
+  assert pipeline.checked_rows([4, 5, 12, 13], 16).tolist() == [4, 5, 12, 13]
+  for bad in ([], [3, 3], [-1, 2], [16]):
+    with pytest.raises(ConfigError, match="distinct positions in"):
+      pipeline.checked_rows(bad, 16)
+
+
+def host_rows(process, processes, devices_each, global_batch):
+  """Rows of `process` on a mesh whose processes interleave (p0d0, p1d0, p0d1, ...)."""
+  owners = np.tile(np.arange(processes), devices_each)
+  return parallel.rows_of_process(owners, global_batch, process)
 
 
 def test_eval_positions_pad_with_minus_one():
@@ -151,7 +155,7 @@ def test_train_batches_follow_the_index_sequence(dataset, fake_root):
   assert np.array_equal(dataset.prior.counts, counts)
   log_probs = sampling.class_level_log_probs(counts / counts.sum(), -1.0)
   batches = take(dataset.train_batches(seed=2, start_step=0, global_batch=48,
-                                       main_log_class_probs=None,
+                                       rows=np.arange(48), main_log_class_probs=None,
                                        partner_log_class_probs=log_probs), 20)
   first = batches[0]
   assert first["image"].shape == first["partner_image"].shape == (48, SIZE, SIZE, 3)
@@ -167,7 +171,7 @@ def test_train_batches_follow_the_index_sequence(dataset, fake_root):
 
 
 def test_resumed_batches_equal_uninterrupted_ones(dataset):
-  kwargs = dict(seed=5, global_batch=16, main_log_class_probs=None,
+  kwargs = dict(seed=5, global_batch=16, rows=np.arange(16), main_log_class_probs=None,
                 partner_log_class_probs=np.log(np.full(12, 1 / 12)))
   straight = take(dataset.train_batches(start_step=0, **kwargs), 6)
   resumed = take(dataset.train_batches(start_step=4, **kwargs), 2)
@@ -177,29 +181,47 @@ def test_resumed_batches_equal_uninterrupted_ones(dataset):
   assert not np.array_equal(straight[0]["image"], straight[1]["image"])
 
 
-def test_two_hosts_decode_the_rows_of_the_single_host(dataset):
+def test_interleaved_hosts_decode_the_rows_of_the_single_host(dataset):
   kwargs = dict(seed=1, start_step=3, global_batch=16, main_log_class_probs=None,
                 partner_log_class_probs=np.log(np.full(12, 1 / 12)))
-  single = take(dataset.train_batches(**kwargs), 2)
-  hosts = [take(dataset.train_batches(process_index=p, process_count=2, **kwargs), 2)
-           for p in (0, 1)]
+  single = take(dataset.train_batches(rows=np.arange(16), **kwargs), 2)
+  rows = [host_rows(p, 2, 2, 16) for p in (0, 1)]
+  assert rows[0].tolist() == [0, 1, 2, 3, 8, 9, 10, 11]
+  hosts = [take(dataset.train_batches(rows=r, **kwargs), 2) for r in rows]
   for step in range(2):
     for key in ("image", "label", "partner_image", "partner_label"):
-      assert hosts[0][step][key].shape[0] == 8
-      np.testing.assert_array_equal(
-          np.concatenate([hosts[0][step][key], hosts[1][step][key]]), single[step][key])
+      for r, host in zip(rows, hosts):
+        np.testing.assert_array_equal(host[step][key], single[step][key][r])
 
 
-@pytest.mark.parametrize("process_count", [1, 2, 3])
-def test_eval_covers_every_image_once(dataset, process_count):
+def test_partners_stop_with_the_mixing(dataset):
+  kwargs = dict(seed=1, global_batch=16, rows=np.arange(16), main_log_class_probs=None,
+                partner_log_class_probs=np.log(np.full(12, 1 / 12)))
+  batches = take(dataset.train_batches(start_step=2, partner_until_step=4, **kwargs), 4)
+  assert [sorted(b) for b in batches] == [
+      ["image", "label", "partner_image", "partner_label"]] * 2 + [["image", "label"]] * 2
+  # The main batches are those of a run that draws partners throughout.
+  always = take(dataset.train_batches(start_step=2, **kwargs), 4)
+  for a, b in zip(batches, always):
+    np.testing.assert_array_equal(a["image"], b["image"])
+  resumed = take(dataset.train_batches(start_step=5, partner_until_step=4, **kwargs), 1)
+  assert sorted(resumed[0]) == ["image", "label"]
+  np.testing.assert_array_equal(resumed[0]["image"], batches[3]["image"])
+
+
+@pytest.mark.parametrize("processes", [1, 2, 3])
+def test_eval_covers_every_image_once(dataset, processes):
   test_labels = [int(l.split()[-1]) for l in
                  (dataset.splits["test"].image_list.path).read_text().splitlines()]
   assert dataset.test_labels.tolist() == test_labels
-  per_process = [list(dataset.eval_batches(global_batch=18, process_index=p,
-                                           process_count=process_count))
-                 for p in range(process_count)]
+  per_process = [list(dataset.eval_batches(global_batch=18,
+                                           rows=host_rows(p, processes, 2, 18)))
+                 if 18 % (2 * processes) == 0 else
+                 list(dataset.eval_batches(global_batch=18,
+                                           rows=host_rows(p, processes, 1, 18)))
+                 for p in range(processes)]
   # 48 test images -> 3 global batches of 18 (6 padding rows) on every process.
-  assert [len(b) for b in per_process] == [3] * process_count
+  assert [len(b) for b in per_process] == [3] * processes
   index = np.concatenate([b["index"] for batches in per_process for b in batches])
   assert np.array_equal(np.sort(index[index >= 0]), np.arange(48))
   assert (index == -1).sum() == 6
@@ -210,11 +232,12 @@ def test_eval_covers_every_image_once(dataset, process_count):
       assert not b["image"][~real].any()  # Padding is black.
 
 
-def test_eval_images_do_not_depend_on_process_count(dataset):
-  single = next(dataset.eval_batches(global_batch=12))
-  halves = [next(dataset.eval_batches(global_batch=12, process_index=p, process_count=2))
-            for p in (0, 1)]
-  np.testing.assert_array_equal(np.concatenate([h["image"] for h in halves]), single["image"])
+def test_eval_images_do_not_depend_on_the_process_layout(dataset):
+  single = next(dataset.eval_batches(global_batch=12, rows=np.arange(12)))
+  rows = [host_rows(p, 2, 2, 12) for p in (0, 1)]
+  for r in rows:
+    part = next(dataset.eval_batches(global_batch=12, rows=r))
+    np.testing.assert_array_equal(part["image"], single["image"][r])
 
 
 # ---------------------------------------------------------------------------
@@ -249,7 +272,7 @@ def test_random_resized_crop_and_flip_statistics(tmp_path):
                        image_size=32)
   data = pipeline.load_streaming_dataset(cfg)
   images = np.concatenate([b["image"] for b in take(data.train_batches(
-      seed=0, start_step=0, global_batch=8, main_log_class_probs=None,
+      seed=0, start_step=0, global_batch=8, rows=np.arange(8), main_log_class_probs=None,
       partner_log_class_probs=None), 30)]).astype(np.float64)
   red, green = images[:, 16, :, 0], images[:, :, 16, 1]
   shrink = 1 - 1 / 32  # Output pixel centres span 31/32 of the crop.
@@ -273,7 +296,7 @@ def test_eval_resizes_the_shorter_side_and_centre_crops(tmp_path):
   image[:, :4, 0] = image[:, -4:, 0] = 255
   cfg = image_list_set(tmp_path, {"a.JPEG": image, "b.png.JPEG": image})
   data = pipeline.load_streaming_dataset(cfg)
-  batch = next(data.eval_batches(global_batch=2))
+  batch = next(data.eval_batches(global_batch=2, rows=np.arange(2)))
   for out in batch["image"]:  # A JPEG and a PNG named .JPEG, as in ImageNet.
     assert out.shape == (SIZE, SIZE, 3)
     assert out[12, 12].min() > 200  # Centre: the white square.
@@ -298,7 +321,7 @@ def test_missing_image_in_a_large_list_stops_at_read_time(tmp_path, monkeypatch)
   data = pipeline.load_streaming_dataset(cfg)
   os.remove(tmp_path / "c1" / "img3.JPEG")
   with pytest.raises(MissingDataError) as error:
-    take(data.train_batches(seed=0, start_step=0, global_batch=6, main_log_class_probs=None,
+    take(data.train_batches(seed=0, start_step=0, global_batch=6, rows=np.arange(6), main_log_class_probs=None,
                             partner_log_class_probs=None), 1)
   message = str(error.value)
   assert "train.txt line 4" in message and str(tmp_path / "c1" / "img3.JPEG") in message
@@ -320,109 +343,72 @@ def test_undecodable_jpeg_names_the_file(tmp_path, split):
   data = pipeline.load_streaming_dataset(cfg)
   with pytest.raises(DataError) as error:
     if split == "train":
-      take(data.train_batches(seed=0, start_step=0, global_batch=6,
+      take(data.train_batches(seed=0, start_step=0, global_batch=6, rows=np.arange(6),
                               main_log_class_probs=None, partner_log_class_probs=None), 1)
     else:
-      list(data.eval_batches(global_batch=4))
+      list(data.eval_batches(global_batch=4, rows=np.arange(4)))
   message = str(error.value)
   assert f"cannot decode image {bad}" in message and "line 5" in message
   assert "\n" not in message and "{{" not in message
 
 
-# gs:// data. etils' mock_epath serves the lists and existence checks from a
-# local folder, but tf.io.read_file reads gs:// with TensorFlow's own
-# Cloud Storage client, not through epath: these tests map gs://bucket to the
-# folder inside FileReader.read instead, so what is tested is everything up to
-# and after the read (keys, no up-front scan, the read-time error conversion).
+# gs:// data, on the local GCS emulator: lists and existence checks through
+# etils.epath, images through `storage.read_bytes`, both gcsfs.
 
-def gcs_set(tmp_path):
-  """8 images (small_set's layout) in tmp_path/bucket/data, configured as gs://bucket/data."""
-  local = tmp_path / "bucket" / "data"
+def gcs_set(tmp_path, gcs):
+  """8 images (small_set's layout), uploaded; (local folder, config of the gs:// copy)."""
+  local = tmp_path / "data"
   rng = np.random.default_rng(0)
-  cfg = image_list_set(local, {f"c{k % 2}/img{k}.JPEG": rng.integers(0, 255, (20, 30, 3),
-                                                                      dtype=np.uint8)
-                               for k in range(8)})
-  cfg.image_root = cfg.split_dir = "gs://bucket/data"
+  image_list_set(local, {f"c{k % 2}/img{k}.JPEG": rng.integers(0, 255, (20, 30, 3),
+                                                                dtype=np.uint8)
+                         for k in range(8)})
+  remote = upload(gcs, local, "data")
+  cfg = config(remote, name="image_list", num_classes=2, train_list="train.txt",
+               test_list="test.txt")
   return local, cfg
 
 
-@pytest.fixture
-def read_gs_locally(tmp_path, monkeypatch):
-  """FileReader.read with gs://bucket mapped to tmp_path/bucket."""
-  tf = pipeline._tf()
-
-  def read(self, key):
-    del self
-    return tf.io.read_file(tf.strings.regex_replace(key, "^gs://bucket",
-                                                    str(tmp_path / "bucket")))
-
-  monkeypatch.setattr(pipeline.FileReader, "read", read)
-
-
-def test_gs_dataset_reads_what_the_local_one_does(tmp_path, read_gs_locally):
-  local, cfg = gcs_set(tmp_path)
+def test_gs_dataset_reads_what_the_local_one_does(tmp_path, gcs):
+  local, cfg = gcs_set(tmp_path, gcs)
   from_local = pipeline.load_streaming_dataset(
       config(local, name="image_list", num_classes=2, train_list="train.txt",
              test_list="test.txt"))
-  with mock_gcs(tmp_path / "bucket") as asked:
-    from_gs = pipeline.load_streaming_dataset(cfg)
-  # The lists and the root are asked about, no image (all 8 would be checked
-  # up front in a local folder).
-  assert not [p for p in asked if p.endswith(".JPEG")]
-  assert "gs://bucket/data" in asked and "gs://bucket/data/train.txt" in asked
+  from_gs = pipeline.load_streaming_dataset(cfg)
   rel = [f"c{k % 2}/img{k}.JPEG" for k in range(8)]
   assert from_gs.train_reader.keys(np.arange(8)).tolist() == [
-      f"gs://bucket/data/{r}".encode() for r in rel]
-  assert from_gs.source == "lists:gs://bucket/data images:gs://bucket/data"
+      f"{cfg.image_root}/{r}".encode() for r in rel]
+  assert from_gs.source == f"lists:{cfg.image_root} images:{cfg.image_root}"
   assert from_gs.identity == from_local.identity  # Same names and SHA-256.
   same_batches(from_gs, from_local, 2)
 
 
 @pytest.mark.parametrize("split", ["train", "test"])
-def test_missing_gs_image_stops_at_read_time_naming_it(tmp_path, read_gs_locally, split):
-  local, cfg = gcs_set(tmp_path)
-  os.remove(local / "c1" / "img3.JPEG")
-  with mock_gcs(tmp_path / "bucket"):
-    data = pipeline.load_streaming_dataset(cfg)  # No up-front check on gs://.
-    with pytest.raises(MissingDataError) as error:
-      if split == "train":
-        take(data.train_batches(seed=0, start_step=0, global_batch=8,
-                                main_log_class_probs=None, partner_log_class_probs=None), 1)
-      else:
-        list(data.eval_batches(global_batch=4))
-  message = str(error.value)
-  assert (f"gs://bucket/data/{split}.txt line 4 (c1/img3.JPEG): image "
-          "gs://bucket/data/c1/img3.JPEG does not exist") in message
-  assert "\n" not in message
-
-
-def test_unreadable_gs_image_names_it(tmp_path, read_gs_locally):
-  # The existence check itself fails (e.g. no credentials): the read error
-  # names the image and its list line instead.
-  local, cfg = gcs_set(tmp_path)
-  os.remove(local / "c1" / "img3.JPEG")
-  with mock_gcs(tmp_path / "bucket"):
-    data = pipeline.load_streaming_dataset(cfg)
-  with mock_gcs(tmp_path / "bucket", fail=PermissionError("403")):
-    with pytest.raises(DataError) as error:
-      take(data.train_batches(seed=0, start_step=0, global_batch=8,
+def test_missing_gs_image_stops_at_read_time_naming_it(tmp_path, gcs, split):
+  local, cfg = gcs_set(tmp_path, gcs)
+  import fsspec  # pylint: disable=g-import-not-at-top
+  fsspec.filesystem("gs").rm(f"{cfg.image_root}/c1/img3.JPEG")
+  data = pipeline.load_streaming_dataset(cfg)  # No up-front check on gs://.
+  with pytest.raises(MissingDataError) as error:
+    if split == "train":
+      take(data.train_batches(seed=0, start_step=0, global_batch=8, rows=np.arange(8),
                               main_log_class_probs=None, partner_log_class_probs=None), 1)
+    else:
+      list(data.eval_batches(global_batch=4, rows=np.arange(4)))
   message = str(error.value)
-  assert message.startswith("cannot read image gs://bucket/data/c1/img3.JPEG "
-                            "(train.txt line 4): ")
-  assert "\n" not in message and "{{" not in message
+  assert (f"{cfg.image_root}/{split}.txt line 4 (c1/img3.JPEG): image "
+          f"{cfg.image_root}/c1/img3.JPEG does not exist") in message
+  assert "\n" not in message
+  del local
 
 
 def test_batch_and_seed_errors(dataset):
-  with pytest.raises(ConfigError, match="multiple of the 3 processes"):
-    dataset.train_batches(seed=0, start_step=0, global_batch=16, main_log_class_probs=None,
-                          partner_log_class_probs=None, process_count=3)
+  kwargs = dict(start_step=0, main_log_class_probs=None, partner_log_class_probs=None)
+  with pytest.raises(ConfigError, match="distinct positions in"):
+    dataset.train_batches(seed=0, global_batch=16, rows=np.arange(20), **kwargs)
   with pytest.raises(ConfigError, match="must be in"):
-    dataset.train_batches(seed=0, start_step=0, global_batch=10_000,
-                          main_log_class_probs=None, partner_log_class_probs=None)
+    dataset.train_batches(seed=0, global_batch=10_000, rows=np.arange(16), **kwargs)
   with pytest.raises(ConfigError, match="seed and step must be >= 0"):
-    dataset.train_batches(seed=-1, start_step=0, global_batch=16, main_log_class_probs=None,
-                          partner_log_class_probs=None)
+    dataset.train_batches(seed=-1, global_batch=16, rows=np.arange(16), **kwargs)
   with pytest.raises(MissingDataError, match="list file missing.txt not found"):
     pipeline.load_streaming_dataset(
         config(dataset.splits["test"].image_list.path.parent, name="image_list",
@@ -436,10 +422,11 @@ def test_batch_and_seed_errors(dataset):
 
 def same_batches(a, b, num_classes):
   """Asserts that two StreamingDatasets give the same train and eval batches."""
-  kwargs = dict(seed=0, start_step=0, global_batch=8, main_log_class_probs=None,
-                partner_log_class_probs=np.zeros(num_classes))
+  kwargs = dict(seed=0, start_step=0, global_batch=8, rows=np.arange(8),
+                main_log_class_probs=None, partner_log_class_probs=np.zeros(num_classes))
+  evals = dict(global_batch=8, rows=np.arange(8))
   for x, y in ((next(a.train_batches(**kwargs)), next(b.train_batches(**kwargs))),
-               (next(a.eval_batches(global_batch=8)), next(b.eval_batches(global_batch=8)))):
+               (next(a.eval_batches(**evals)), next(b.eval_batches(**evals)))):
     assert x.keys() == y.keys()
     for key in x:
       np.testing.assert_array_equal(x[key], y[key])
@@ -554,7 +541,7 @@ data = pipeline.load_streaming_dataset(ml_collections.ConfigDict(dict(
     split_dir={str(fake_root)!r}, train_list='ImageNet_LT_train.txt',
     test_list='ImageNet_LT_test.txt', image_size=8)))
 try:
-  data.eval_batches(global_batch=4)
+  data.eval_batches(global_batch=4, rows=[0, 1, 2, 3])
 except MissingDependencyError as e:
   print('needs tf:', e)
 assert not [m for m, v in sys.modules.items() if m.startswith('tensorflow') and v]

@@ -10,11 +10,11 @@ warning instead of failing the run.
 
 import json
 import logging
-import pathlib
 from typing import Optional, Sequence
 
 import numpy as np
 
+from lt_calib import storage
 from lt_calib.calibration import metrics
 
 PICTURES = {
@@ -89,7 +89,8 @@ def temperature_section(val_logits, val_labels, test_logits, test_labels, train_
 def write_report(workdir, logits, labels, train_counts, num_bins=15, title="",
                  extra_tables: Optional[Sequence[tuple]] = None,
                  temperature: Optional[dict] = None, class_names=None,
-                 file_prefix="", extra_columns: Optional[dict] = None) -> dict:
+                 file_prefix="", extra_columns: Optional[dict] = None,
+                 summary: Optional[dict] = None) -> dict:
   """Writes every picture, report.md and report.json to `workdir`.
 
   Args:
@@ -106,18 +107,19 @@ def write_report(workdir, logits, labels, train_counts, num_bins=15, title="",
     file_prefix: prefix of every file name (several reports in one folder).
     extra_columns: optional {name: `metrics.summarize` dict} shown beside the
       raw (and temperature-scaled) columns of the summary table.
+    summary: `metrics.summarize` of `logits` if already computed.
 
   Returns:
     The `metrics.summarize` dict of the raw logits.
   """
   from lt_calib.calibration import plots, posthoc  # pylint: disable=g-import-not-at-top
-  out = pathlib.Path(workdir)
+  out = storage.as_path(workdir)
   out.mkdir(parents=True, exist_ok=True)
-  logits, labels = np.asarray(logits, np.float64), np.asarray(labels)
+  logits, labels = np.asarray(logits), np.asarray(labels)
   num_classes = logits.shape[1]
-  summary = metrics.summarize(logits, labels, train_counts, num_bins)
-  probs = metrics.softmax(logits)
-  pred, confidence = probs.argmax(axis=1), probs.max(axis=1)
+  if summary is None:
+    summary = metrics.summarize(logits, labels, train_counts, num_bins)
+  pred, confidence = logits.argmax(axis=1), metrics.top_probability(logits)
   correct = pred == labels
   names = {k: file_prefix + k for k in PICTURES}
   plots.reliability_diagram(confidence, correct, out / names["reliability.png"],
@@ -136,7 +138,7 @@ def write_report(workdir, logits, labels, train_counts, num_bins=15, title="",
   if temperature is not None:
     t = temperature["temperature"]
     columns[f"temperature-scaled (T = {t:.3f})"] = temperature["summary"]
-    scaled = metrics.softmax(posthoc.apply_temperature(logits, t)).max(axis=1)
+    scaled = metrics.top_probability(posthoc.apply_temperature(logits, t))
     ts_name = file_prefix + "reliability_temperature.png"
     plots.reliability_diagram(scaled, correct, out / ts_name, num_bins,
                               f"{title} temperature-scaled T={t:.3f}".strip())
@@ -159,17 +161,17 @@ def write_report(workdir, logits, labels, train_counts, num_bins=15, title="",
   sections += ["## Pictures", ""]
   for name, caption in pictures:
     sections += [f"### {name}", "", caption, "", f"![{name}]({name})", ""]
-  (out / f"{file_prefix}report.md").write_text("\n".join(sections))
+  storage.write_text(out / f"{file_prefix}report.md", "\n".join(sections))
   record = {"raw": summary}
   if temperature is not None:
     record["temperature"] = temperature
-  (out / f"{file_prefix}report.json").write_text(json.dumps(record, indent=2) + "\n")
+  storage.write_text(out / f"{file_prefix}report.json", json.dumps(record, indent=2) + "\n")
   logging.info("calibration report written to %s", out / f"{file_prefix}report.md")
   return summary
 
 
-def write_training_report(workdir, config, logits, labels, train_counts,
-                          logits_fn=None) -> Optional[dict]:
+def write_training_report(workdir, config, logits, labels, train_counts, summary=None,
+                          validation=None) -> Optional[dict]:
   """End-of-training report, with temperature scaling when configured.
 
   Never fails the run for a missing plotting library: without Matplotlib or
@@ -177,15 +179,16 @@ def write_training_report(workdir, config, logits, labels, train_counts,
 
   Args:
     workdir: the run's workdir.
-    config: the run's config; `dataset.val_per_class` > 0 (read with .get,
-      default 0) turns temperature scaling on.
+    config: the run's config.
     logits, labels: final test logits and labels.
     train_counts: int [C].
-    logits_fn: uint8 images [n, H, W, 3] -> logits [n, C] of the final model;
-      needed for temperature scaling.
+    summary: the metrics of these logits if already computed (the
+      evaluator's), else computed here.
+    validation: optional (logits, labels) of a held-out split (never the test
+      set) on which the temperature is fitted.
 
   Returns:
-    The `metrics.summarize` dict of the raw logits, or None if skipped.
+    The summary dict of the raw logits, or None if skipped.
   """
   from lt_calib.data import sources  # pylint: disable=g-import-not-at-top
   try:
@@ -194,18 +197,13 @@ def write_training_report(workdir, config, logits, labels, train_counts,
   except ImportError as e:
     logging.warning("calibration report skipped (%s): pip install -e '.[analysis]'.", e)
     return None
-  per_class = int(config.dataset.get("val_per_class", 0) or 0)
   temperature = None
-  if per_class > 0 and logits_fn is not None:
-    try:
-      images, val_labels = sources.load_validation_split(config.dataset, per_class)
-      temperature = temperature_section(np.asarray(logits_fn(images)), val_labels,
-                                        logits, labels, train_counts,
-                                        config.calibration_bins)
-    except FileNotFoundError as e:
-      logging.warning("temperature scaling skipped: %s", e)
+  if validation is not None:
+    temperature = temperature_section(validation[0], validation[1], logits, labels,
+                                      train_counts, config.calibration_bins)
   title = (f"{config.dataset.name} rho={config.dataset.imbalance_ratio:g} "
            f"{config.mix.name}+{config.loss.name}")
   return write_report(workdir, logits, labels, train_counts, config.calibration_bins,
                       title, temperature=temperature,
-                      class_names=sources.load_class_names(config.dataset))
+                      class_names=sources.load_class_names(config.dataset),
+                      summary=summary)

@@ -20,9 +20,9 @@ before any file is read, as a pure function of (seed, global step):
   tf.image.stateless_* ops.
 
 So a run resumed at step k reads and augments exactly what an uninterrupted run
-would, whatever was prefetched, and a host's rows do not depend on how many
-hosts there are: host p of P takes rows [p * B/P, (p + 1) * B/P) of every
-global batch. The class probabilities are the caller's (computed with
+would, whatever was prefetched, and what a row holds does not depend on how
+many hosts there are: each host feeds the rows of the global batch that its
+devices hold (`parallel.process_rows`, in any mesh order). The class probabilities are the caller's (computed with
 `lt_calib.data.sampling.class_level_log_probs`, as in the in-memory path).
 
 TensorFlow is imported lazily, inside the functions that build pipelines:
@@ -39,6 +39,7 @@ from typing import Iterator, NamedTuple, Optional
 
 import numpy as np
 
+from lt_calib import storage
 from lt_calib.data import lists, long_tail, sources
 from lt_calib.errors import ConfigError, DataError, MissingDataError, MissingDependencyError
 
@@ -188,20 +189,18 @@ def global_batch_indices(seed: int, step: int, *, num_examples: int, global_batc
   return rows
 
 
-def local_batch_size(global_batch: int, process_count: int) -> int:
-  """B / P, or a ConfigError when the global batch does not split evenly."""
-  if process_count <= 0 or global_batch % process_count:
-    raise ConfigError(f"batch size {global_batch} must be a multiple of the "
-                      f"{process_count} processes.")
-  return global_batch // process_count
+def checked_rows(rows, global_batch: int) -> np.ndarray:
+  """A process's rows of the global batch (`parallel.process_rows`), checked.
 
-
-def host_slice(array: np.ndarray, process_index: int, process_count: int) -> np.ndarray:
-  """Rows [p * B/P, (p + 1) * B/P) of a global-batch array (first axis)."""
-  local = local_batch_size(len(array), process_count)
-  if not 0 <= process_index < process_count:
-    raise ConfigError(f"process_index={process_index} outside [0, {process_count}).")
-  return array[process_index * local:(process_index + 1) * local]
+  Raises:
+    ConfigError: a row outside [0, global_batch), a repeated row, or no row.
+  """
+  rows = np.asarray(rows, np.int64)
+  if rows.ndim != 1 or not rows.size or rows.min() < 0 or rows.max() >= global_batch \
+      or np.unique(rows).size != rows.size:
+    raise ConfigError(f"the rows of this process must be distinct positions in "
+                      f"[0, {global_batch}), got {rows.tolist()[:8]}...")
+  return rows
 
 
 def eval_positions(num_examples: int, global_batch: int) -> np.ndarray:
@@ -326,8 +325,10 @@ class FileReader:
 
   Args:
     image_list: the list.
-    image_root: the folder its paths are relative to: local, or a gs:// (any
-      etils.epath) path, which tf.io.read_file reads natively.
+    image_root: the folder its paths are relative to: local (read by
+      tf.io.read_file), or gs:// (any etils.epath path), read through
+      `storage.read_bytes`, the client every other remote file of the run
+      uses, from tf.data's parallel map (the GIL is free while it waits).
   """
 
   key_dtype = "string"
@@ -336,7 +337,7 @@ class FileReader:
     self.image_list = image_list
     # Keys are full paths as bytes (os.path.join keeps 'gs://' intact).
     self.root = os.fsencode(image_root)
-    self.remote = lists.is_remote(image_root)
+    self.remote = storage.is_remote(image_root)
 
   def keys(self, rows: np.ndarray) -> np.ndarray:
     """Full paths of the rows, as bytes."""
@@ -344,7 +345,12 @@ class FileReader:
                     dtype=np.object_)
 
   def read(self, key):
-    return _tf().io.read_file(key)
+    tf = _tf()
+    if not self.remote:
+      return tf.io.read_file(key)
+    data = tf.numpy_function(storage.read_bytes, [key], tf.string, stateful=False)
+    data.set_shape([])
+    return data
 
   def missing(self, row: int) -> Optional[Exception]:
     """A MissingDataError if the image of `row` does not exist, else None."""
@@ -353,7 +359,7 @@ class FileReader:
       # Asked only after a batch failed: one request for this row, not one per
       # image up front. If it cannot be asked, the read error names the file.
       try:
-        exists = lists.as_path(os.fsdecode(path)).exists()
+        exists = storage.exists(os.fsdecode(path))
       except Exception:  # pylint: disable=broad-except
         return None
     else:
@@ -458,12 +464,20 @@ class StreamingDataset:
   # Split name -> message, for evaluation lists that are absent (e.g. 'val').
   missing_splits: dict = dataclasses.field(default_factory=dict, repr=False)
 
+  @property
+  def image_shape(self) -> tuple:
+    """(S, S, 3) of the images the model sees."""
+    return (self.info.image_size, self.info.image_size, 3)
+
   # -- training -------------------------------------------------------------
 
-  def train_rows(self, *, seed: int, step: int, global_batch: int,
-                 main_log_class_probs=None, partner_log_class_probs=None,
-                 process_index: int = 0, process_count: int = 1) -> dict:
+  def train_rows(self, *, seed: int, step: int, global_batch: int, rows,
+                 main_log_class_probs=None, partner_log_class_probs=None) -> dict:
     """This host's rows of step `step`: training rows, labels and aug seeds.
+
+    Args:
+      rows: the positions in the global batch this process feeds
+        (`parallel.process_rows`); other arguments as `train_batches`.
 
     Returns:
       {'main', 'main_seed', 'main_label'} (+ 'partner...' when partners are
@@ -471,17 +485,18 @@ class StreamingDataset:
     """
     members = self._members() if (main_log_class_probs is not None
                                   or partner_log_class_probs is not None) else None
-    rows = global_batch_indices(
+    indices = global_batch_indices(
         seed, step, num_examples=len(self.train_labels), global_batch=global_batch,
         members=members, main_log_class_probs=main_log_class_probs,
         partner_log_class_probs=partner_log_class_probs)
+    rows = checked_rows(rows, global_batch)
     out = {}
     for name, stream in (("main", MAIN), ("partner", PARTNER)):
-      if name not in rows:
+      if name not in indices:
         continue
       seeds = augmentation_seeds(seed, step, stream, global_batch)
-      out[name] = host_slice(rows[name], process_index, process_count)
-      out[f"{name}_seed"] = host_slice(seeds, process_index, process_count)
+      out[name] = indices[name][rows]
+      out[f"{name}_seed"] = seeds[rows]
       out[f"{name}_label"] = self.train_labels[out[name]]
     return out
 
@@ -490,39 +505,54 @@ class StreamingDataset:
       self._class_members = class_members(self.train_labels, self.info.num_classes)
     return self._class_members
 
-  def train_batches(self, *, seed: int, start_step: int, global_batch: int,
+  def train_batches(self, *, seed: int, start_step: int, global_batch: int, rows,
                     main_log_class_probs: Optional[np.ndarray],
                     partner_log_class_probs: Optional[np.ndarray],
-                    process_index: int = 0, process_count: int = 1) -> Iterator[dict]:
+                    partner_until_step: Optional[int] = None) -> Iterator[dict]:
     """Endless training batches of this host, from step `start_step` on.
 
     Args:
       seed: run seed (>= 0).
       start_step: global step of the first batch (the resume step).
       global_batch: B over all processes.
+      rows: the positions in each global batch this process feeds
+        (`parallel.process_rows`, any subset of [0, B)).
       main_log_class_probs: [C] of a class-level main sampler; None = R.
       partner_log_class_probs: [C] of R*; None = no partner batch.
-      process_index: this process.
-      process_count: number of processes.
+      partner_until_step: steps from this one on carry no partner batch (the
+        mixing has stopped, Algorithm 1's T1), so no partner image is read or
+        decoded; None = partners throughout.
 
     Yields:
-      {'image': uint8 [B/P, S, S, 3], 'label': int32 [B/P]} (+ 'partner_image',
-      'partner_label' when partners are drawn), one per step.
+      {'image': uint8 [len(rows), S, S, 3], 'label': int32 [len(rows)]}
+      (+ 'partner_image', 'partner_label' while partners are drawn), one per
+      step.
     """
-    tf = _tf()
-    local = local_batch_size(global_batch, process_count)
     steps_per_epoch(len(self.train_labels), global_batch)  # Checks B <= N.
     _check_seed(seed, start_step)
-    kwargs = dict(seed=seed, global_batch=global_batch,
-                  main_log_class_probs=main_log_class_probs,
-                  partner_log_class_probs=partner_log_class_probs,
-                  process_index=process_index, process_count=process_count)
+    kwargs = dict(seed=seed, global_batch=global_batch, rows=checked_rows(rows, global_batch),
+                  main_log_class_probs=main_log_class_probs)
+    last = np.iinfo(np.int64).max
+    stop = last if partner_until_step is None else max(int(partner_until_step), start_step)
+    if partner_log_class_probs is None:
+      stop = start_step
+    # Two pipelines in turn; the second is built (and prefetches) once reached.
+    return itertools.chain(
+        self._stretch(start_step, stop, partner_log_class_probs, **kwargs),
+        itertools.chain.from_iterable(
+            self._stretch(first, last, None, **kwargs) for first in [stop]))
+
+  def _stretch(self, first: int, end: int, partner_log_class_probs, **kwargs):
+    """Batches of steps [first, end) of `train_batches`, one tf.data pipeline."""
+    if first >= end:
+      return iter(())
+    tf = _tf()
+    kwargs["partner_log_class_probs"] = partner_log_class_probs
+    local = len(kwargs["rows"])
     reader, size = self.train_reader, self.info.image_size
     streams = ("main", "partner") if partner_log_class_probs is not None else ("main",)
-
     fields = [f"{n}_{k}" for n in streams for k in ("key", "seed", "label")]
-    key_dtype = getattr(tf, reader.key_dtype)
-    dtypes = {"key": key_dtype, "seed": tf.int64, "label": tf.int32}
+    dtypes = {"key": getattr(tf, reader.key_dtype), "seed": tf.int64, "label": tf.int32}
     shapes = {"key": [local], "seed": [local, 2], "label": [local]}
 
     def host_rows(step):
@@ -547,7 +577,7 @@ class StreamingDataset:
         out["partner_label"] = row["partner_label"]
       return out
 
-    dataset = tf.data.Dataset.range(start_step, np.iinfo(np.int64).max).map(step_rows)
+    dataset = tf.data.Dataset.range(first, end).map(step_rows)
     dataset = dataset.unbatch().map(decode, num_parallel_calls=tf.data.AUTOTUNE,
                                     deterministic=True)
     dataset = dataset.batch(local, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
@@ -562,7 +592,7 @@ class StreamingDataset:
             return problem
       return None
 
-    return _guarded(dataset.as_numpy_iterator(), start_step, problem_at)
+    return _guarded(dataset.as_numpy_iterator(), first, problem_at)
 
   # -- evaluation -----------------------------------------------------------
 
@@ -581,22 +611,29 @@ class StreamingDataset:
   def num_eval_batches(self, *, global_batch: int, split: str = "test") -> int:
     return len(eval_positions(len(self.eval_split(split).rows), global_batch))
 
-  def eval_batches(self, *, global_batch: int, split: str = "test",
-                   process_index: int = 0, process_count: int = 1) -> Iterator[dict]:
+  def eval_batches(self, *, global_batch: int, rows, split: str = "test") -> Iterator[dict]:
     """Every image of `split` once, padded to whole global batches.
 
     Every process yields `num_eval_batches` batches; a padding row has index
     -1, label 0 and a black image, so count only rows with index >= 0.
 
+    Args:
+      global_batch: B over all processes.
+      rows: the positions in each global batch this process feeds
+        (`parallel.process_rows`).
+      split: 'test' or 'val'.
+
     Yields:
-      {'image': uint8 [B/P, S, S, 3], 'label': int32 [B/P], 'index': int64
-      [B/P]} where index is the row's position in the split (-1 = padding).
+      {'image': uint8 [len(rows), S, S, 3], 'label': int32 [len(rows)], 'index':
+      int64 [len(rows)]} where index is the row's position in the split (-1 =
+      padding).
     """
     tf = _tf()
     split_data = self.eval_split(split)
-    local = local_batch_size(global_batch, process_count)
+    rows = checked_rows(rows, global_batch)
+    local = len(rows)
     positions = eval_positions(len(split_data.rows), global_batch)
-    host = np.concatenate([host_slice(p, process_index, process_count) for p in positions])
+    host = positions[:, rows].reshape(-1)
     real = host >= 0
     rows = split_data.rows[np.where(real, host, 0)]
     reader, size = split_data.reader, self.info.image_size

@@ -1,0 +1,205 @@
+"""Several processes on localhost, as the hosts of a TPU slice: preemption, device order.
+
+Each run is `python -m lt_calib.main` (or tests/drivers/train_on_mesh.py,
+which picks the mesh's device order) in 2 processes of 2 CPU devices each,
+joined by JAX's distributed runtime, on the tiny CIFAR-10-LT config of
+test_cli_runs.py: 12 steps of 1,024 images an epoch, 200 test images.
+"""
+
+import json
+import pathlib
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+import pytest
+
+from lt_calib import checkpointing, storage
+from tests.conftest import REPO
+from tests.test_cli_runs import TINY, environment
+
+pytestmark = pytest.mark.slow
+
+# A compiled chunk of up to 4 steps, a log line every 4 steps: SIGTERM lands
+# between boundaries that the global step crosses 4 at a time.
+PREEMPTIBLE = [*TINY, "--config.steps_per_dispatch=4"]
+
+
+def free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    return s.getsockname()[1]
+
+
+def start(workdir, *flags, module="lt_calib.main", devices=2, processes=2, config=None):
+  """Starts the processes of one run; returns them, their output in files.
+
+  Files, not pipes: a process whose pipe nobody drains blocks once it is
+  full, and the other process then waits for it forever in a collective.
+  """
+  port = free_port()
+  command = [sys.executable, "-m", module, *(config or PREEMPTIBLE), f"--workdir={workdir}",
+             *flags]
+  if processes > 1:
+    command += [f"--coordinator_address=localhost:{port}", f"--num_processes={processes}"]
+  started = []
+  for rank in range(processes):
+    out = tempfile.TemporaryFile("w+")
+    started.append((subprocess.Popen(
+        command + ([f"--process_id={rank}"] if processes > 1 else []), cwd=REPO,
+        env=environment(devices), stdout=out, stderr=subprocess.STDOUT, text=True), out))
+  return started
+
+
+def finish(processes, timeout=600):
+  """(return codes, outputs) once every process has ended."""
+  codes, outputs = [], []
+  for process, out in processes:
+    codes.append(process.wait(timeout=timeout))
+    out.seek(0)
+    outputs.append(out.read())
+  return codes, outputs
+
+
+def read(path) -> str | None:
+  """A local or gs:// file's text, asked afresh (no cached listing), or None."""
+  path = str(path)
+  if storage.is_remote(path):
+    import fsspec  # pylint: disable=g-import-not-at-top
+    fs = fsspec.filesystem("gs")
+    fs.invalidate_cache()
+    return fs.cat(path).decode() if fs.exists(path) else None
+  return pathlib.Path(path).read_text() if pathlib.Path(path).exists() else None
+
+
+def records(path) -> list:
+  return [json.loads(l) for l in (read(path) or "").splitlines() if l.strip()]
+
+
+def run_to_end(workdir, *flags, **kwargs) -> list:
+  codes, outputs = finish(start(workdir, *flags, **kwargs))
+  assert codes == [0] * len(codes), [o[-3000:] for o in outputs]
+  return outputs
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, cifar10_file):
+  """The 2-process run the preempted runs must reproduce bit for bit."""
+  del cifar10_file
+  workdir = tmp_path_factory.mktemp("uninterrupted")
+  run_to_end(workdir)
+  return {**json.loads((workdir / "summary.json").read_text()), "workdir": str(workdir)}
+
+
+@pytest.mark.parametrize("where", ["local", "gcs"])
+def test_sigterm_to_one_host_stops_both_at_one_step_and_resume_is_bit_identical(
+    where, tmp_path, uninterrupted, request):
+  workdir = (request.getfixturevalue("gcs").folder("preempted") if where == "gcs"
+             else tmp_path / "preempted")
+  processes = start(workdir)
+  deadline = time.time() + 300
+  while not any(r["step"] >= 4 for r in records(f"{workdir}/train_metrics.jsonl")):
+    assert all(p.poll() is None for p, _ in processes) and time.time() < deadline, \
+        finish(processes)[1]
+    time.sleep(0.1)
+  processes[1][0].send_signal(signal.SIGTERM)  # One host only, as a spot VM's notice.
+  codes, outputs = finish(processes)
+  assert codes == [143, 143], [o[-3000:] for o in outputs]
+  stopped = next(l for l in outputs[0].splitlines() if l.startswith("stopped at step"))
+  step = int(stopped.split()[3])
+  assert 4 < step < 24 and "(preempted)" in stopped
+  assert checkpointing.read_state_tree(workdir)[0] == step  # Both hosts saved it.
+  resumed = run_to_end(workdir)
+  assert f"resuming at step {step}" in resumed[0]
+  summary = json.loads(read(f"{workdir}/summary.json"))
+  assert summary["fingerprint"] == uninterrupted["fingerprint"]
+  assert summary["environment"]["process_count"] == 2
+  # One line per log interval and evaluation: appended, never duplicated.
+  assert [r["step"] for r in records(f"{workdir}/train_metrics.jsonl")] == list(
+      range(4, 25, 4))
+  assert [r["step"] for r in records(f"{workdir}/metrics.jsonl")] == [12, 24]
+  if where == "gcs":
+    assert read(f"{workdir}/report.md").startswith("# cifar10")
+
+
+def first_loss(workdir) -> float:
+  first = records(f"{workdir}/train_metrics.jsonl")[0]
+  assert first["step"] == 4
+  return first["loss"]
+
+
+def test_interleaved_mesh_trains_and_evaluates_as_the_contiguous_one(tmp_path, uninterrupted):
+  # p0d0, p1d0, p0d1, p1d1: each process holds rows 0-255 and 512-767 of a
+  # batch of 1,024, as on a TPU slice whose mesh follows the torus.
+  outputs = run_to_end(tmp_path, "--mesh_order=interleaved",
+                       module="tests.drivers.train_on_mesh")
+  summary = json.loads(read(tmp_path / "summary.json"))
+  # Only process 0 talks and writes; process 1 trains silently (but for the
+  # lines Gloo, JAX's CPU collectives library, prints when ranks connect).
+  assert "done: top-1" in outputs[0]
+  assert [l for l in outputs[1].splitlines() if not l.startswith("[Gloo]")] == []
+  assert summary["environment"]["process_count"] == 2
+  assert summary["environment"]["device_count"] == 4
+  np.testing.assert_allclose(first_loss(tmp_path),
+                             records_of(uninterrupted)[0]["loss"], rtol=1e-5)
+  assert summary["num_test_images"] == 200 == uninterrupted["num_test_images"]
+  assert abs(summary["final"]["top1"] - uninterrupted["final"]["top1"]) <= 0.01
+
+
+def records_of(summary) -> list:
+  return records(pathlib.Path(summary["workdir"]) / "train_metrics.jsonl")
+
+
+CLASSES = 12
+
+
+@pytest.fixture(scope="module")
+def fake_lists(tmp_path_factory):
+  """A 12-class image-list dataset in the ImageNet-LT layout (lt_calib.data.fake)."""
+  from lt_calib.data import fake  # pylint: disable=g-import-not-at-top
+  root = tmp_path_factory.mktemp("fake_imagenet_lt")
+  fake.build(root, num_classes=CLASSES, image_size="40x32", max_per_class=40,
+             min_per_class=4, val_per_class=2, test_per_class=5, seed=0)
+  return root
+
+
+def streamed_flags(root) -> list:
+  return ["--config=configs/imagenet_lt.py:smoke", "--config.dataset.name=image_list",
+          f"--config.dataset.num_classes={CLASSES}",
+          "--config.dataset.train_list=ImageNet_LT_train.txt",
+          "--config.dataset.test_list=ImageNet_LT_test.txt",
+          "--config.dataset.val_list=ImageNet_LT_val.txt",
+          f"--config.dataset.image_root={root}", f"--config.dataset.split_dir={root}",
+          "--config.model.width=4", "--config.batch_size=32",
+          "--config.eval_batch_size=16", "--config.log_every_steps=4"]
+
+
+def test_streamed_run_from_cloud_storage_on_an_interleaved_mesh(tmp_path, fake_lists, gcs):
+  """Lists, images and workdir on gs://, 2 hosts interleaved, then evaluate gs://."""
+  import fsspec  # pylint: disable=g-import-not-at-top
+  data = gcs.folder("imagenet_lt")
+  fsspec.filesystem("gs").put(f"{fake_lists}/", f"{data}/", recursive=True)
+  reference = tmp_path / "contiguous"
+  run_to_end(reference, config=streamed_flags(fake_lists), devices=4, processes=1)
+  workdir = gcs.folder("streamed")
+  run_to_end(workdir, "--mesh_order=interleaved", module="tests.drivers.train_on_mesh",
+             config=streamed_flags(data))
+  summary = json.loads(read(f"{workdir}/summary.json"))
+  test_lines = (fake_lists / "ImageNet_LT_test.txt").read_text().splitlines()
+  assert summary["num_test_images"] == len(test_lines) == CLASSES * 5
+  assert summary["data_source"] == f"lists:{data} images:{data}"
+  np.testing.assert_allclose(first_loss(workdir), first_loss(reference), rtol=1e-5)
+  evaluated = subprocess.run(
+      [sys.executable, "-m", "lt_calib.evaluate", f"--workdir={workdir}",
+       "--test_rho=1,0.1", "--val_per_class=2"], cwd=REPO, env=environment(1),
+      capture_output=True, text=True, check=False)
+  assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+  result = json.loads(read(f"{workdir}/evaluation.json"))
+  assert result["num_test_images"] == CLASSES * 5
+  assert result["summary"]["top1"] == pytest.approx(summary["final"]["top1"], abs=1e-9)
+  assert result["temperature"]["val_count_per_class"] == [2] * CLASSES
+  assert read(f"{workdir}/label_shift.csv").startswith("method,test_rho")
