@@ -75,7 +75,10 @@ def paper_config(dataset: str, num_classes: int, tau: float) -> ml_collections.C
   config.sampler = ml_collections.ConfigDict(dict(name="random"))
   config.optim = ml_collections.ConfigDict(dict(
       learning_rate=0.1, momentum=0.9, nesterov=False, weight_decay=2e-4,
-      warmup_epochs=5, decay_epochs=(160, 180), decay_factors=(0.01, 0.0001)))
+      warmup_epochs=5, decay_epochs=(160, 180), decay_factors=(0.01, 0.0001),
+      # 'linear': the rate is learning_rate at reference_batch_size and scales
+      # with batch_size (steps.base_learning_rate); 'none': as given.
+      lr_scaling="none", reference_batch_size=128))
   config.batch_size = 128
   config.num_epochs = 200
   config.eval_batch_size = 512

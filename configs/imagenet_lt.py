@@ -15,6 +15,8 @@ Where every value comes from:
 | batch_size | 512 (ResNet-10), 64 (ResNet-50) | App. C.2: "mini-batch as 512 and 64, respectively" |
 | num_epochs | 90 | App. C.2 |
 | optim | SGD, momentum 0.9, weight decay 1e-4, lr 0.2, x0.1 at epochs 30 and 60 | App. C.2 ("base learning rate as 0.2 and decay it at the 30th and 60th epoch by 0.1"; the same 0.2 for both batch sizes, as written) |
+| optim.lr_scaling | 'linear', reference_batch_size = the App. C.2 batch (512 / 64) | our choice (Goyal et al. 2017): a pod's global batch (e.g. 1,024 on a v4-32) trains with lr 0.2 x batch / reference; at the paper's batch the rate is the paper's |
+| model.dtype | 'auto': bfloat16 compute on TPU (float32 parameters, BatchNorm statistics and loss), float32 elsewhere | our choice: TPUs compute bfloat16 at full rate; float32 on GPU/CPU until measured there |
 | optim.warmup_epochs | 0 | App. C.2 names no warm-up (C.1's 5-epoch warm-up is for CIFAR) |
 | mix.alpha | 1.0 | App. E: "keep the same alpha as mixup and Remix on ImageNet-LT and iNaturalist 2018"; App. C.1: mixup's alpha is 1.0 |
 | mix.tau | 0 (partner class uniform over classes) | not reported for the large datasets (Fig. 4 is CIFAR only); CIFAR-100-LT's value, the many-class setting (our choice) |
@@ -68,13 +70,14 @@ def large_scale_config(dataset: str, num_classes: int, depth: int, batch_size: i
   config.dataset.val_list = ""
   config.dataset.test_list = ""
   config.dataset.image_size = 224
-  config.model.update(dict(name="resnet_imagenet", depth=depth, width=64, dtype="float32"))
+  config.model.update(dict(name="resnet_imagenet", depth=depth, width=64, dtype="auto"))
   config.mix.alpha = 1.0
   config.mix.stop_epoch = 90
   config.loss.drw_epoch = 60  # DRW (if chosen) re-weights in the last stage.
   config.optim.update(dict(learning_rate=0.2, momentum=0.9, nesterov=False,
                            weight_decay=1e-4, warmup_epochs=0,
-                           decay_epochs=(30, 60), decay_factors=(0.1, 0.01)))
+                           decay_epochs=(30, 60), decay_factors=(0.1, 0.01),
+                           lr_scaling="linear", reference_batch_size=batch_size))
   config.batch_size = batch_size
   config.num_epochs = 90
   config.eval_batch_size = 512

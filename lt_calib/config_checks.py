@@ -9,7 +9,7 @@ registry's own list.
 import math
 from typing import Callable
 
-from lt_calib import losses, mixing, models
+from lt_calib import losses, mixing, models, steps
 from lt_calib.data import long_tail, sampling, sources
 from lt_calib.errors import ConfigError
 from lt_calib.models import heads
@@ -134,6 +134,11 @@ def _check_loss(config) -> None:
 
 def _check_optim(opt) -> None:
   _check_number("optim.learning_rate", opt.learning_rate, lambda v: v > 0, "> 0")
+  scaling = opt.get("lr_scaling", "none")
+  _require(scaling in steps.LR_SCALING, f"optim.lr_scaling={scaling!r} is unknown; "
+           f"allowed: {steps.LR_SCALING}.")
+  if scaling == "linear":
+    _check_int("optim.reference_batch_size", opt.get("reference_batch_size"), 1)
   _check_number("optim.momentum", opt.momentum, lambda v: 0 <= v < 1, "in [0, 1)")
   _check_number("optim.weight_decay", opt.weight_decay, lambda v: v >= 0, ">= 0")
   _check_number("optim.warmup_epochs", opt.get("warmup_epochs", 0), lambda v: v >= 0,

@@ -36,10 +36,24 @@ def _resnet_imagenet(cfg, num_classes):
 MODELS = {"resnet_cifar": _resnet_cifar, "resnet_imagenet": _resnet_imagenet}
 
 
-def get_dtype(name: str):
+def resolve_dtype_name(name: str) -> str:
+  """`model.dtype`, with 'auto' resolved: bfloat16 on TPU, float32 elsewhere.
+
+  TPUs compute in bfloat16 at full speed and keep float32 parameters,
+  BatchNorm statistics and loss here; on CPUs and GPUs float32 stays the
+  default until bfloat16's accuracy is measured there (docs/benchmarks.md).
+  """
+  if name == "auto":
+    import jax  # pylint: disable=g-import-not-at-top
+    return "bfloat16" if jax.default_backend() == "tpu" else "float32"
   if name not in DTYPES:
-    raise ConfigError(f"model.dtype={name!r} is unknown; allowed: {sorted(DTYPES)}.")
-  return DTYPES[name]
+    raise ConfigError(f"model.dtype={name!r} is unknown; allowed: "
+                      f"{sorted(DTYPES) + ['auto']}.")
+  return name
+
+
+def get_dtype(name: str):
+  return DTYPES[resolve_dtype_name(name)]
 
 
 def create_model(cfg, num_classes: int):
