@@ -15,42 +15,24 @@ from lt_calib.errors import ConfigError
 MODES = ("auto", "on", "off")
 
 # Environment variables that mark a multi-host cluster whose topology JAX
-# finds by itself (`jax.distributed.initialize()` with no arguments); Cloud
-# TPU VMs are recognised from their metadata (`_on_cloud_tpu_vm`).
-_CLUSTER_VARIABLES = (
-    "TPU_WORKER_HOSTNAMES",      # Cloud TPU VM pod slices.
+# finds by itself (`jax.distributed.initialize()` with no arguments). A Cloud
+# TPU VM sets none of them (the slice is in its metadata, which only JAX's
+# private modules read): there `--distributed=on`, which launch/tpu_train.sh
+# passes, starts the runtime.
+CLUSTER_VARIABLES = (
+    "TPU_WORKER_HOSTNAMES",      # TPU pod slices on GKE.
     "MEGASCALE_COORDINATOR_ADDRESS",
     "SLURM_JOB_ID",              # Slurm (one task per node or per GPU).
     "OMPI_COMM_WORLD_SIZE",      # Open MPI (mpirun).
 )
 
 
-def _on_cloud_tpu_vm() -> bool:
-  """True on a Cloud TPU VM, where JAX finds the slice from the VM metadata.
-
-  Such VMs set none of the variables above (those are GKE's). JAX's own
-  check (private, hence guarded) asks the metadata server only where libtpu
-  found TPU hardware, so other machines never wait on the network.
-  """
-  try:
-    from jax._src import cloud_tpu_init  # pylint: disable=g-import-not-at-top
-    from jax._src.clusters import cloud_tpu_cluster  # pylint: disable=g-import-not-at-top
-  except ImportError:
-    return False
-  if not getattr(cloud_tpu_init, "running_in_cloud_tpu_vm", False):
-    return False
-  try:
-    return bool(cloud_tpu_cluster.GceTpuCluster.is_env_present())
-  except Exception:  # pylint: disable=broad-except
-    return False
-
-
-def _cluster_detected() -> bool:
+def cluster_detected() -> bool:
+  """Whether the environment names a multi-host cluster (CLUSTER_VARIABLES)."""
   hosts = os.environ.get("TPU_WORKER_HOSTNAMES", "")
   if "," in hosts:  # A single-host TPU VM lists one host: nothing to join.
     return True
-  return (any(os.environ.get(name) for name in _CLUSTER_VARIABLES[1:])
-          or _on_cloud_tpu_vm())
+  return any(os.environ.get(name) for name in CLUSTER_VARIABLES[1:])
 
 
 def initialize(mode: str = "auto", coordinator_address: str | None = None,
@@ -59,8 +41,9 @@ def initialize(mode: str = "auto", coordinator_address: str | None = None,
 
   Args:
     mode: 'off' never starts it; 'on' always does (with the given address, or
-      JAX's cluster detection when none is given); 'auto' starts it when a
-      coordinator address is given or a multi-host cluster is detected.
+      JAX's cluster detection when none is given: Cloud TPU VMs, Slurm, ...);
+      'auto' starts it when a coordinator address is given or
+      `cluster_detected()`.
     coordinator_address: HOST:PORT of process 0's coordinator.
     num_processes: number of processes in the run.
     process_id: this process's rank in [0, num_processes).
@@ -83,7 +66,7 @@ def initialize(mode: str = "auto", coordinator_address: str | None = None,
   if mode == "off" and coordinator_address is not None:
     raise ConfigError("--distributed=off contradicts --coordinator_address.")
   if mode == "off" or (mode == "auto" and coordinator_address is None
-                       and not _cluster_detected()):
+                       and not cluster_detected()):
     return False
   jax.distributed.initialize(coordinator_address=coordinator_address,
                              num_processes=num_processes, process_id=process_id)

@@ -4,7 +4,7 @@ Every config field can be overridden on the command line, e.g.
 `--config.loss.name=ce --config.mix.name=none`. Variants come after a colon:
 `--config=configs/cifar10_lt.py:smoke`. Several processes (hosts) join one
 run with `--coordinator_address=HOST:PORT --num_processes=N --process_id=I`,
-or `--distributed=auto` on a Cloud TPU pod slice (see launch/README.md).
+or `--distributed=on` on a Cloud TPU pod slice (see launch/README.md).
 """
 
 import os
@@ -23,7 +23,8 @@ config_flags.DEFINE_config_file("config", None, "Experiment config file[:variant
                                 lock_config=True)
 flags.DEFINE_enum("distributed", "auto", ["auto", "on", "off"],
                   "Start JAX's multi-process runtime: 'auto' when the flags below "
-                  "are given or a multi-host cluster (TPU pod, Slurm) is detected.")
+                  "are given or a cluster (Slurm, Open MPI, GKE) is detected; 'on' on a "
+                  "Cloud TPU VM slice.")
 flags.DEFINE_string("coordinator_address", None, "HOST:PORT of process 0.")
 flags.DEFINE_integer("num_processes", None, "Processes in the run.")
 flags.DEFINE_integer("process_id", None, "This process's rank, 0..num_processes-1.")
