@@ -134,3 +134,48 @@ flag_value() {
     FLAG_SHIFT=2
   fi
 }
+
+# trainer_flag NAME ARGS...: the value of --config.NAME=VALUE among ARGS (the
+# last one wins, as in absl), or nothing.
+trainer_flag() {
+  local name=$1 value="" arg
+  shift
+  for arg in "$@"; do
+    if [[ $arg == --config.$name=* ]]; then
+      value=${arg#*=}
+    fi
+  done
+  printf '%s' "$value"
+}
+
+# check_streaming_data CONFIG TRAINER_FLAGS...: refuses, before any cloud
+# call, a streaming config (ImageNet-LT, iNaturalist, image lists) whose data
+# every worker of a slice cannot read: the lists (dataset.split_dir) and the
+# images (dataset.image_root, or dataset.tfds_data_dir with
+# dataset.source=tfds) must be on gs://. The config file's own defaults are
+# local or empty, so the flags must say where the data is.
+check_streaming_data() {
+  local config=$1 name
+  shift
+  name=$(trainer_flag dataset.name "$@")
+  if [[ -z $name ]]; then
+    name=$(basename "${config%%:*}" .py)
+  fi
+  case $name in
+    imagenet_lt | inat2018 | image_list) ;;
+    *) return 0 ;;
+  esac
+  local fields=(dataset.split_dir) missing=() field value
+  if [[ $(trainer_flag dataset.source "$@") == tfds ]]; then
+    fields+=(dataset.tfds_data_dir)
+  else
+    fields+=(dataset.image_root)
+  fi
+  for field in "${fields[@]}"; do
+    value=$(trainer_flag "$field" "$@")
+    [[ $value == gs://?* ]] || missing+=("--config.$field=gs://...${value:+ (got $value)}")
+  done
+  if ((${#missing[@]})); then
+    die "$config streams its data from split lists, which every worker must read: pass ${missing[*]} after -- (see launch/README.md, 'Data on Cloud Storage')."
+  fi
+}

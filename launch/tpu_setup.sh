@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Puts the project on every worker of a TPU slice and installs it there
-# (`pip install -e '.[tfds]' 'jax[tpu]'`), then checks that each worker sees
+# (`pip install -e '.[tfds,gcs]' 'jax[tpu]'`), then checks that each worker sees
 # the slice's TPU chips. Rerun it after the slice is recreated (a preempted
 # slice comes back with fresh disks). See launch/README.md.
 set -euo pipefail
@@ -15,7 +15,7 @@ GIT_URL=""
 GIT_REF=main
 REMOTE_DIR=lt_calib
 PYTHON=python3
-EXTRAS=tfds
+EXTRAS=tfds,gcs
 PACKAGES="jax[tpu]"
 SKIP_CHECK=0
 
@@ -69,7 +69,7 @@ done
 [[ $REMOTE_DIR =~ ^[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)*$ ]] ||
   die "--remote-dir=$REMOTE_DIR must be a plain path under the home directory, e.g. lt_calib."
 case $SOURCE in
-  copy) [[ -d $REPO/.git ]] || die "--repo=$REPO is not a git checkout; give --repo or --source=git." ;;
+  copy) [[ -e $REPO/.git ]] || die "--repo=$REPO is not a git checkout; give --repo or --source=git." ;;
   git) [[ -n $GIT_URL ]] || die "--source=git needs --git-url." ;;
   *) die "--source=$SOURCE is unknown; allowed: copy, git." ;;
 esac

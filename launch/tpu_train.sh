@@ -117,6 +117,7 @@ for dir in "$REMOTE_DIR" "$LOG_DIR"; do
   [[ $dir =~ ^[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)*$ ]] ||
     die "--remote-dir/--log-dir=$dir must be a plain path under the home directory."
 done
+check_streaming_data "$CONFIG" ${TRAINER_FLAGS[@]+"${TRAINER_FLAGS[@]}"}
 HOSTS=$(tpu_hosts "$ACCELERATOR_TYPE") || exit 2
 tpu_scope
 SHARED=(--project="$PROJECT" --zone="$ZONE" --name="$NAME")

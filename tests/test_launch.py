@@ -23,6 +23,9 @@ NAME, PROJECT, ZONE, BUCKET = "lt-test", "my-project", "us-central2-b", "my-buck
 # a v4 host holds 4 chips: 4 hosts (workers 0..3).
 V4_32_WORKERS = 32 // 2 // 4
 WORKDIR = f"gs://{BUCKET}/runs/imagenet_lt"
+# Where the streamed ImageNet-LT data lies for every worker of a slice.
+DATA = [f"--config.dataset.split_dir=gs://{BUCKET}/imagenet_lt/lists",
+        f"--config.dataset.image_root=gs://{BUCKET}/imagenet"]
 SCOPE = ["--project", PROJECT, "--zone", ZONE, "--name", NAME]
 
 
@@ -64,7 +67,7 @@ def tpu_plan():
   setup = run_script("tpu_setup.sh", "--dry-run", *SCOPE).stdout
   train = run_script("tpu_train.sh", "--dry-run", *SCOPE, "--accelerator-type", "v4-32",
                      "--bucket", BUCKET, "--config", "configs/imagenet_lt.py",
-                     "--", "--config.model.depth=50").stdout
+                     "--", "--config.model.depth=50", *DATA).stdout
   return create, setup, train
 
 
@@ -88,12 +91,12 @@ def test_create_setup_train_sequence(tpu_plan):
   assert "--worker=all" in cmds[copied]
   installed = first(cmds, lambda w: is_ssh(w, "all") and "pip install" in remote_command(w),
                     copied)
-  assert "-e '.[tfds]' 'jax[tpu]'" in remote_command(cmds[installed])
+  assert "-e '.[tfds,gcs]' 'jax[tpu]'" in remote_command(cmds[installed])
   started = first(cmds, lambda w: is_ssh(w, "all") and " start " in remote_command(w), installed)
   trainer = shlex.split(remote_command(cmds[started]))
   trainer = trainer[trainer.index("--") + 1:]
   assert trainer == ["--config=configs/imagenet_lt.py", f"--workdir={WORKDIR}",
-                     "--distributed=on", "--config.model.depth=50"]
+                     "--distributed=on", "--config.model.depth=50", *DATA]
   # Worker 0's log is followed; then the finish check names summary.json.
   streamed = first(cmds, lambda w: is_ssh(w, 0) and " stream " in remote_command(w), started)
   first(cmds, lambda w: w[:3] == ["gcloud", "storage", "ls"]
@@ -149,14 +152,15 @@ def test_create_is_safe_to_rerun(state, verbs):
     ("v5litepod-16", 4), ("v6e-8", 1), ("v6e-64", 16)])
 def test_workers_of_accelerator_types(accelerator, hosts):
   out = run_script("tpu_train.sh", "--dry-run", *SCOPE, "--bucket", BUCKET,
-                   "--accelerator-type", accelerator, "--max-attempts=1", check=False).stdout
+                   "--accelerator-type", accelerator, "--max-attempts=1", "--", *DATA,
+                   check=False).stdout
   assert f"# {accelerator} slice {NAME}: {hosts} workers" in out
 
 
 @pytest.mark.parametrize("bucket", [f"gs://{BUCKET}", f"gs://{BUCKET}/", BUCKET])
 def test_bucket_with_or_without_scheme(bucket):
   out = run_script("tpu_train.sh", "--dry-run", *SCOPE, "--bucket", bucket,
-                   "--max-attempts=1", check=False).stdout
+                   "--max-attempts=1", "--", *DATA, check=False).stdout
   assert f"--workdir={WORKDIR} " in out
   assert "gs://gs://" not in out and f"{BUCKET}//" not in out
 
@@ -184,6 +188,34 @@ def test_help_and_flag_errors(script):
 def test_train_needs_a_gcs_workdir():
   bad = run_script("tpu_train.sh", "--dry-run", "--workdir=/tmp/run", check=False)
   assert bad.returncode == 2 and "must be gs://" in bad.stderr
+
+
+@pytest.mark.parametrize("config, flags, missing", [
+    ("configs/imagenet_lt.py", [], ["dataset.split_dir", "dataset.image_root"]),
+    ("configs/imagenet_lt.py:resnet50", [DATA[0]], ["dataset.image_root"]),
+    ("configs/inat2018.py", ["--config.dataset.image_root=/mnt/inat", DATA[0]],
+     ["dataset.image_root"]),
+    ("configs/imagenet_lt.py", ["--config.dataset.source=tfds", DATA[0]],
+     ["dataset.tfds_data_dir"]),
+    ("configs/cifar10_lt.py", ["--config.dataset.name=image_list", DATA[1]],
+     ["dataset.split_dir"]),
+])
+def test_train_refuses_streamed_data_the_workers_cannot_read(config, flags, missing):
+  bad = run_script("tpu_train.sh", "--dry-run", "--bucket", BUCKET, "--config", config,
+                   "--", *flags, check=False)
+  assert bad.returncode == 2 and bad.stdout == ""  # Before any gcloud command.
+  assert all(f"--config.{field}=gs://..." in bad.stderr for field in missing), bad.stderr
+  assert "(got /mnt/inat)" in bad.stderr or "inat2018" not in config
+
+
+def test_train_accepts_in_memory_data_and_streamed_data_on_gcs():
+  for config, flags in [("configs/cifar10_lt.py", []),
+                        ("configs/imagenet_lt.py", DATA),
+                        ("configs/imagenet_lt.py", ["--config.dataset.source=tfds", DATA[0],
+                                                    f"--config.dataset.tfds_data_dir=gs://{BUCKET}/tfds"])]:
+    out = run_script("tpu_train.sh", "--dry-run", "--bucket", BUCKET, "--config", config,
+                     "--max-attempts=1", "--", *flags, check=False)
+    assert "gcloud compute tpus tpu-vm ssh" in out.stdout, out.stderr
 
 
 # ---------------------------------------------------------------------------
