@@ -9,13 +9,22 @@ spread, in images/s and images/s per CPU core available to the process.
 
   python benchmarks/input_pipeline.py [--data_dir=/tmp/lt_calib_bench_inputs]
       [--batch_size=128] [--steps=20] [--repeats=5] [--partner] [--no_antialias]
+      [--gcs]
+
+`--gcs` uploads the data to a local Cloud Storage emulator (fake-gcs-server,
+tests/gcs_emulator.py) and reads it from gs:// through the library's GCS
+client (gcsfs): the per-request cost of the remote path on this machine's
+loopback, not a real bucket's latency or bandwidth.
 """
 
 import argparse
+import contextlib
 import json
 import os
 import pathlib
 import platform
+import sys
+import tempfile
 import time
 
 import ml_collections
@@ -51,12 +60,29 @@ def main():
   parser.add_argument("--repeats", type=int, default=5)
   parser.add_argument("--partner", action="store_true", help="also decode an R* batch")
   parser.add_argument("--no_antialias", action="store_true")
+  parser.add_argument("--gcs", action="store_true",
+                      help="read the data from a local GCS emulator (gs://)")
   args = parser.parse_args()
   data_dir = pathlib.Path(args.data_dir)
   make_data(data_dir, args.jpeg_size)
+  with contextlib.ExitStack() as stack:
+    root = str(data_dir)
+    if args.gcs:
+      sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
+      from tests import gcs_emulator  # pylint: disable=g-import-not-at-top
+      import fsspec  # pylint: disable=g-import-not-at-top
+      bucket = stack.enter_context(gcs_emulator.running(
+          stack.enter_context(tempfile.TemporaryDirectory())))
+      root = bucket.folder("inputs")
+      fsspec.filesystem("gs").put(f"{data_dir}/", f"{root}/", recursive=True)
+    measure(args, root)
+
+
+def measure(args, root: str) -> None:
+  """Times train_batches on the data under `root`; prints one JSON line."""
   pipeline.ANTIALIAS = not args.no_antialias
   dataset = pipeline.load_streaming_dataset(ml_collections.ConfigDict(dict(
-      name="image_list", num_classes=40, image_root=str(data_dir), split_dir=str(data_dir),
+      name="image_list", num_classes=40, image_root=root, split_dir=root,
       train_list="ImageNet_LT_train.txt", test_list="ImageNet_LT_test.txt",
       image_size=args.image_size)))
   partner = np.log(np.full(40, 1 / 40)) if args.partner else None
@@ -64,6 +90,7 @@ def main():
   rates = []
   for repeat in range(args.repeats):
     batches = dataset.train_batches(seed=repeat, start_step=0, global_batch=args.batch_size,
+                                    rows=np.arange(args.batch_size),
                                     main_log_class_probs=None, partner_log_class_probs=partner)
     for _ in range(3):  # Warm-up: graph building, thread pools, page cache.
       next(batches)
@@ -80,7 +107,7 @@ def main():
       "cpu": cpu_model(), "load_average": os.getloadavg(), "jpeg_size": args.jpeg_size,
       "image_size": args.image_size, "batch_size": args.batch_size,
       "partner": args.partner, "antialias": pipeline.ANTIALIAS, "steps": args.steps,
-      "repeats": args.repeats}))
+      "repeats": args.repeats, "source": "gcs emulator" if args.gcs else "local files"}))
 
 
 if __name__ == "__main__":
