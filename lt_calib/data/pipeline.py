@@ -344,6 +344,15 @@ class FileReader:
     return np.array([os.path.join(self.root, p) for p in self.image_list.rel_paths[rows]],
                     dtype=np.object_)
 
+  @property
+  def fetches_per_step(self) -> bool:
+    """Whether training fetches a step's files together (`fetch`) instead of one by one."""
+    return self.remote
+
+  def fetch(self, keys: np.ndarray) -> np.ndarray:
+    """The bytes of the files `keys`, fetched concurrently (remote roots)."""
+    return np.array(storage.read_many(keys), dtype=np.object_)
+
   def read(self, key):
     tf = _tf()
     if not self.remote:
@@ -555,11 +564,26 @@ class StreamingDataset:
     dtypes = {"key": getattr(tf, reader.key_dtype), "seed": tf.int64, "label": tf.int32}
     shapes = {"key": [local], "seed": [local, 2], "label": [local]}
 
+    # A remote folder: each step's files are fetched together, concurrently,
+    # in one Python call (one call per image costs ~5x the throughput).
+    prefetch = getattr(reader, "fetches_per_step", False)
+    if prefetch:
+      dtypes["key"] = tf.string
+
     def host_rows(step):
       # The index sequence is a pure function of the step: no state to resume.
       rows = self.train_rows(step=int(step), **kwargs)
-      return [reader.keys(rows[n]) if k == "key" else rows[f"{n}_{k}"]
-              for n, k in (f.split("_") for f in fields)]
+      out = []
+      for n, k in (f.split("_") for f in fields):
+        if k == "key":
+          keys = reader.keys(rows[n])
+          out.append(reader.fetch(keys) if prefetch else keys)
+        else:
+          out.append(rows[f"{n}_{k}"])
+      return out
+
+    def read(key):
+      return key if prefetch else reader.read(key)
 
     def step_rows(step):
       values = tf.numpy_function(host_rows, [step], [dtypes[f.split("_")[1]] for f in fields],
@@ -569,15 +593,15 @@ class StreamingDataset:
       return dict(zip(fields, values))
 
     def decode(row):
-      out = {"image": train_image(reader.read(row["main_key"]), row["main_seed"], size),
+      out = {"image": train_image(read(row["main_key"]), row["main_seed"], size),
              "label": row["main_label"]}
       if "partner" in streams:
-        out["partner_image"] = train_image(reader.read(row["partner_key"]),
-                                           row["partner_seed"], size)
+        out["partner_image"] = train_image(read(row["partner_key"]), row["partner_seed"], size)
         out["partner_label"] = row["partner_label"]
       return out
 
-    dataset = tf.data.Dataset.range(first, end).map(step_rows)
+    dataset = tf.data.Dataset.range(first, end).map(
+        step_rows, num_parallel_calls=2 if prefetch else None, deterministic=True)
     dataset = dataset.unbatch().map(decode, num_parallel_calls=tf.data.AUTOTUNE,
                                     deterministic=True)
     dataset = dataset.batch(local, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
