@@ -29,7 +29,8 @@ def main():
   config.batch_size, config.mix.name, config.loss.name = args.batch_size, args.mix, args.loss
   config.model.dtype = args.dtype
   setup = train.build(config, sources.load_dataset(config.dataset), parallel.make_mesh())
-  update, state, arrays = setup.update, setup.state, setup.arrays
+  update, state = setup.update, setup.state
+  arrays = (setup.epoch_inputs(setup.arrays[-1], 0),) + tuple(setup.arrays)
   state, stats = update(state, *arrays)  # Compile and warm up.
   jax.block_until_ready(stats["loss"])
   start = time.perf_counter()

@@ -149,8 +149,9 @@ def _library_step(args, context, dtype):
   from lt_calib import parallel, train  # pylint: disable=g-import-not-at-top
   config = context.config(args, dtype)
   setup = train.build(config, context.dataset(config), parallel.make_mesh())
-  return _jax_runner(setup.update, setup.state, tuple(setup.arrays), args.batch_size,
-                     {"mix": args.mix, "loss": args.loss})
+  fed = setup.epoch_inputs(setup.arrays[-1], 0)  # Epoch 0's permutation.
+  return _jax_runner(setup.update, setup.state, (fed,) + tuple(setup.arrays),
+                     args.batch_size, {"mix": args.mix, "loss": args.loss})
 
 
 def _library_chunk(args, context, dtype, members: int = 1):
@@ -158,7 +159,6 @@ def _library_chunk(args, context, dtype, members: int = 1):
 
   members > 1: that many seeds vmapped in one program (population.py).
   """
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from lt_calib import parallel, population, train  # pylint: disable=g-import-not-at-top
   config = context.config(args, dtype)
   dataset = context.dataset(config)
@@ -171,10 +171,12 @@ def _library_chunk(args, context, dtype, members: int = 1):
     for seed, member in enumerate(configs):
       member.seed = seed
     setup = population.build(configs, dataset, parallel.make_mesh())
+  fed = setup.epoch_inputs(setup.arrays[-1], 0)  # Epoch 0's permutation(s).
   if setup.run_chunk is None:  # steps == 1: a chunk is the step loop.
-    return _jax_runner(setup.update, setup.state, tuple(setup.arrays),
+    return _jax_runner(setup.update, setup.state, (fed,) + tuple(setup.arrays),
                        members * args.batch_size, {"members": members})
-  return _jax_runner(setup.run_chunk, setup.state, (jnp.int32(steps),) + tuple(setup.arrays),
+  steps = setup.chunk_steps
+  return _jax_runner(setup.run_chunk, setup.state, (fed,) + tuple(setup.arrays),
                      members * steps * args.batch_size,
                      {"mix": args.mix, "loss": args.loss, "steps_per_dispatch": steps,
                       "members": members})

@@ -34,8 +34,8 @@ import jax
 import ml_collections
 import numpy as np
 
-from lt_calib import (checkpointing, cli, evaluation, losses, models, parallel, steps,
-                      storage)
+from lt_calib import (checkpointing, cli, compilation, evaluation, losses, models, parallel,
+                      steps, storage)
 from lt_calib import data as data_lib
 from lt_calib.calibration import metrics, posthoc, report
 from lt_calib.data import sources
@@ -310,6 +310,7 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   if not FLAGS.workdir:
     raise app.UsageError("--workdir is required.")
+  compilation.enable_persistent_cache()
   result = evaluate_workdir(
       FLAGS.workdir, FLAGS.checkpoint, [float(r) for r in FLAGS.test_rho],
       FLAGS.val_per_class, FLAGS.out, FLAGS.test_subset, FLAGS.resample_seed,

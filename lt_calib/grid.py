@@ -34,6 +34,10 @@ that one small model leaves idle): each cell is trained by whichever process
 first takes its lock (an flock on DIR/<cell>/.lock, released when the process
 ends, even when killed); the others leave it out of their tables. A last run
 with `train=False` (or any run after all have finished) writes the full table.
+`--workers=K` does all of that: it starts K such processes on this machine,
+each on its own CPU cores with 1/K of the GPU's memory and, where
+nvidia-cuda-mps-control exists, under one NVIDIA MPS daemon of its own
+(lt_calib/workers.py; `--plan_only` prints the plan), then writes the table.
 """
 
 import contextlib
@@ -42,6 +46,8 @@ import json
 import math
 import os
 import pathlib
+import shutil
+import sys
 import time
 from typing import Any, Callable, Dict, NamedTuple
 
@@ -51,7 +57,8 @@ import jax
 from ml_collections import config_flags
 import numpy as np
 
-from lt_calib import cli, mixing, population, reporting, run_record, storage, train
+from lt_calib import (cli, compilation, mixing, population, reporting, run_record, storage,
+                      train, workers)
 from lt_calib.errors import ConfigError, WorkdirError
 
 FLAGS = flags.FLAGS
@@ -495,18 +502,45 @@ def define_flags():
   flags.DEFINE_string("workdir", None, "Grid folder; finished cells there are skipped.")
   config_flags.DEFINE_config_file("config", None, "Grid config file[:variant].",
                                   lock_config=True)
+  flags.DEFINE_integer("workers", 1, "Training processes sharing this machine's "
+                       "accelerator (lt_calib/workers.py: own CPU cores, a share of the "
+                       "GPU memory, NVIDIA MPS where available); each takes the next "
+                       "free cell.")
+  flags.DEFINE_bool("plan_only", False, "With --workers: print what each worker gets "
+                    "and exit.")
   flags.mark_flags_as_required(["config", "workdir"])
+
+
+def run_workers(argv: list, num_workers: int, plan_only: bool) -> None:
+  """Runs this grid command as `num_workers` worker processes, then writes the table."""
+  command = [sys.executable, "-m", "lt_calib.grid", *[
+      a for a in argv[1:] if not a.startswith(("--workers", "--plan_only"))]]
+  if plan_only:
+    launch = workers.plan(num_workers, sorted(os.sched_getaffinity(0)),
+                          shutil.which(workers.MPS_CONTROL), "<temporary folder>")
+    for line in workers.describe(launch):
+      print(line)
+    print("command:", " ".join(command))
+    return
+  codes = workers.run(command, num_workers)
+  if any(codes):
+    raise RuntimeError(f"grid workers ended with exit codes {codes}.")
+  grid = FLAGS.config
+  with grid.unlocked():
+    grid.train = False  # Every cell is done: the table of all of them.
+  run_grid(grid, FLAGS.workdir)
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   cli.quiet_libraries()
-  if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
-    # Cells that differ only in the seed compile to the same programs; the
-    # persistent cache lets every seed after the first skip compilation.
-    jax.config.update("jax_compilation_cache_dir",
-                      str(pathlib.Path(FLAGS.workdir, "compilation_cache").resolve()))
+  if FLAGS.workers > 1 or FLAGS.plan_only:
+    run_workers(sys.argv, FLAGS.workers, FLAGS.plan_only)
+    return
+  # Cells that differ only in the seed compile to the same programs; the
+  # persistent cache lets every seed after the first skip compilation.
+  compilation.enable_persistent_cache()
   run_grid(FLAGS.config, FLAGS.workdir)
 
 

@@ -31,7 +31,8 @@ flags.DEFINE_integer("process_id", None, "This process's rank, 0..num_processes-
 flags.DEFINE_bool("allow_config_change", False, "Resume a workdir whose saved "
                   "config differs from this one (recorded in summary.json).")
 flags.DEFINE_integer("stop_at_step", None, "Checkpoint and stop at this global "
-                     "step, as on preemption; the same command resumes.")
+                     "step (with compiled chunks, the end of the chunk holding it), as on "
+                     "preemption; the same command resumes.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -47,7 +48,8 @@ def main(argv):
   # resize do not use them.
   os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
   # Imported here so that --help and flag errors answer before JAX loads.
-  from lt_calib import distributed, train  # pylint: disable=g-import-not-at-top
+  from lt_calib import compilation, distributed, train  # pylint: disable=g-import-not-at-top
+  compilation.enable_persistent_cache()
   distributed.initialize(FLAGS.distributed, FLAGS.coordinator_address,
                          FLAGS.num_processes, FLAGS.process_id)
   result = train.train_and_evaluate(FLAGS.config, FLAGS.workdir,

@@ -74,23 +74,26 @@ def build(configs, dataset, mesh) -> train.Setup:
                              models.logit_scale(config.model))
   tx, schedule = steps.make_optimizer(config, step_cfg.steps_per_epoch)
   model = models.create_model(config.model, dataset.info.num_classes)
-  run_keys = jnp.stack([jax.random.split(jax.random.key(c.seed), 3) for c in configs])
-  state = _stack([steps.create_train_state(keys[0], model, dataset.train_images.shape[1:],
-                                           tx) for keys in run_keys])
+  members = [train.RunKeys.from_seed(c.seed) for c in configs]
+  run_keys = _stack(members)
+  state = _stack([steps.create_train_state(keys.init, model, dataset.image_shape, tx)
+                  for keys in members])
   one_step = jax.vmap(train.make_one_step(loss_fn, schedule, mesh, streaming=False),
-                      in_axes=(0, None, None, 0, 0))
+                      in_axes=(0, 0, None, None, 0, 0))
   jit = functools.partial(jax.jit, donate_argnums=(0,),
                           out_shardings=(replicated, replicated))
-  max_steps = train.steps_per_dispatch(config, step_cfg.steps_per_epoch)
-  run_chunk = None if max_steps == 1 else jit(train.chunk_runner(one_step, max_steps))
+  chunk = train.steps_per_dispatch(config, step_cfg.steps_per_epoch)
   logits_of = jax.vmap(functools.partial(steps.eval_step, mean=dataset.info.mean,
                                          std=dataset.info.std), in_axes=(0, None))
   eval_step = evaluation.make_step(logits_of, dataset.info.num_classes,
                                    config.calibration_bins, mesh, members=True)
   arrays = parallel.replicate((dataset.train_images, dataset.train_labels, step_cfg,
                                run_keys), mesh)
-  return train.Setup(jit(one_step), run_chunk, eval_step, parallel.replicate(state, mesh),
-                     arrays, step_cfg, streaming=False)
+  return train.Setup(jit(one_step),
+                     None if chunk == 1 else jit(train.chunk_runner(one_step, chunk)), chunk,
+                     train.make_epoch_inputs(len(dataset.train_labels), mesh, members=True),
+                     eval_step, parallel.replicate(state, mesh), arrays, step_cfg,
+                     streaming=False)
 
 
 @dataclasses.dataclass

@@ -169,7 +169,7 @@ def create_train_state(key, model, image_shape, tx) -> TrainState:
                            batch_stats=variables["batch_stats"], tx=tx)
 
 
-def prepare_batch(train_images, train_labels, step, key, data_key,
+def prepare_batch(train_images, train_labels, step, key, permutation,
                   cfg: StepConfig) -> dict:
   """Samples (R or a re-sampler, and partners) and augments one global batch.
 
@@ -178,9 +178,9 @@ def prepare_batch(train_images, train_labels, step, key, data_key,
     train_labels: int32 [N].
     step: global step (traced).
     key: the step's key (partners, augmentation, class-level main sampler).
-    data_key: the run's sampler key; R's permutation of each epoch is drawn
-      from it and the epoch number alone, so it is the same for every step
-      of the epoch and after a resume.
+    permutation: R's permutation of the step's epoch
+      (`sampling.epoch_permutation` of the run's data key and the epoch
+      alone: the same for every step of the epoch and after a resume).
     cfg: StepConfig.
 
   Returns:
@@ -190,8 +190,8 @@ def prepare_batch(train_images, train_labels, step, key, data_key,
   """
   partner_key, aug_key, partner_aug_key = jax.random.split(key, 3)
   if cfg.batch_log_class_probs is None:
-    index = sampling.epoch_permutation_slice(
-        data_key, step, cfg.num_examples, cfg.batch_size, cfg.steps_per_epoch)
+    index = sampling.permutation_slice(permutation, step, cfg.batch_size,
+                                       cfg.steps_per_epoch)
   else:
     # A fourth key beside the split, so the default sampler's stream is kept.
     index = sampling.class_level_sample(jax.random.fold_in(key, 3), cfg.class_index,

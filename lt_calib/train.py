@@ -30,10 +30,11 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from lt_calib import (checkpointing, config_checks, distributed, evaluation, losses, models,
-                      parallel, reporting, run_record, steps, storage)
+from lt_calib import (checkpointing, compilation, config_checks, distributed, evaluation,
+                      losses, models, parallel, reporting, run_record, steps, storage)
 from lt_calib import data as data_lib
 from lt_calib.calibration import report
+from lt_calib.data import sampling
 from lt_calib.errors import UserError, WorkdirError
 
 # Exit status of a run stopped by SIGTERM (128 + 15, as a shell reports it).
@@ -44,41 +45,58 @@ class NonFiniteLossError(UserError, FloatingPointError):
   """The training loss became NaN or infinite."""
 
 
+class RunKeys(NamedTuple):
+  """The run's keys, all from `jax.random.key(seed)`.
+
+  They enter the step as arguments, not constants, so runs that differ only
+  in the seed compile to one program.
+  """
+  init: jax.Array  # Initial parameters.
+  data: jax.Array  # The sampler R's epoch permutations (epoch number folded in).
+  step: jax.Array  # Folded with the global step: partners, augmentation, mixing.
+
+  @classmethod
+  def from_seed(cls, seed: int) -> "RunKeys":
+    return cls(*jax.random.split(jax.random.key(seed), 3))
+
+
 class Setup(NamedTuple):
-  """A run's compiled functions, initial state and device-resident inputs."""
-  update: Callable   # One step: (state, *arrays) or (state, batch, *arrays).
-  run_chunk: Callable | None  # In memory: (state, num_steps, *arrays) -> (state, stats[max]).
+  """A run's compiled functions, initial state and device-resident inputs.
+
+  Every training function takes (state, fed, *arrays): `fed` is what the
+  host hands over per dispatch (in memory: the epoch's permutation of the
+  training set, computed once per epoch by `epoch_inputs`; streamed: the
+  global batch), `arrays` what stays on the devices for the whole run.
+  """
+  update: Callable     # One step -> (state, stats).
+  run_chunk: Callable | None  # In memory: `chunk_steps` steps -> (state, stats[chunk_steps]).
+  chunk_steps: int     # Static trip count of run_chunk (1: no chunk).
+  epoch_inputs: Callable | None  # In memory: (run keys, epoch) -> permutation, on the devices.
   eval_step: Callable  # evaluation.make_step: (state, images, labels, index) -> (stats, logits).
   state: Any
-  arrays: tuple      # In memory: (images, labels, step_cfg, run_keys); else (step_cfg, run_keys).
+  arrays: tuple        # In memory: (images, labels, step_cfg, run_keys); else (step_cfg, run_keys).
   step_cfg: steps.StepConfig
   streaming: bool
 
 
-def chunk_runner(one_step: Callable, max_steps: int) -> Callable:
-  """`num_steps` (traced, <= max_steps) applications of `one_step` in one program.
+def chunk_runner(one_step: Callable, num_steps: int) -> Callable:
+  """`num_steps` (static) applications of `one_step` in one program.
 
   Args:
     one_step: (state, *args) -> (state, dict of scalar statistics).
-    max_steps: static size of the per-step statistics buffer.
+    num_steps: the trip count, fixed when the program is traced: XLA runs a
+      loop of known length without asking the host after every iteration.
 
   Returns:
-    (state, num_steps, *args) -> (state, statistics [max_steps, ...]); rows
-    past `num_steps` are zeros. The loop body is the same program whatever
-    `num_steps` is, so how a run is cut into chunks never changes its numbers.
+    (state, *args) -> (state, statistics stacked [num_steps, ...]); the body
+    is `one_step` itself, so a chunk computes exactly what as many single
+    steps compute.
   """
 
-  def run(state, num_steps, *args):
-    stats_shape = jax.eval_shape(one_step, state, *args)[1]
-    buffer = jax.tree.map(lambda s: jnp.zeros((max_steps,) + s.shape, s.dtype),
-                          stats_shape)
-
-    def body(i, carry):
-      state, buffer = carry
-      state, stats = one_step(state, *args)
-      return state, jax.tree.map(lambda b, s: b.at[i].set(s), buffer, stats)
-
-    return jax.lax.fori_loop(0, num_steps, body, (state, buffer))
+  def run(state, *args):
+    def body(carry, _):
+      return one_step(carry, *args)
+    return jax.lax.scan(body, state, None, length=num_steps)
 
   return run
 
@@ -86,8 +104,9 @@ def chunk_runner(one_step: Callable, max_steps: int) -> Callable:
 def make_one_step(loss_fn, schedule, mesh, streaming: bool) -> Callable:
   """The un-jitted global step: batch preparation, `steps.train_step`, lr.
 
-  In memory: (state, images, labels, step_cfg, run_keys); streamed:
-  (state, batch, step_cfg, run_keys) with `batch` the uint8 global batch.
+  In memory: (state, permutation, images, labels, step_cfg, run_keys), the
+  permutation being the epoch's (`make_epoch_inputs`); streamed: (state,
+  batch, step_cfg, run_keys) with `batch` the uint8 global batch.
   """
   data_sharded = parallel.data_sharding(mesh)
 
@@ -99,34 +118,47 @@ def make_one_step(loss_fn, schedule, mesh, streaming: bool) -> Callable:
 
   if streaming:
     def one_step(state, batch, step_cfg, run_keys):
-      batch_key, mix_key = jax.random.split(jax.random.fold_in(run_keys[2], state.step))
+      batch_key, mix_key = jax.random.split(jax.random.fold_in(run_keys.step, state.step))
       return finish(state, steps.streamed_batch(batch, batch_key, step_cfg), mix_key,
                     step_cfg)
     return one_step
 
-  def one_step(state, train_images, train_labels, step_cfg, run_keys):
-    data_key, step_root = run_keys[1], run_keys[2]
-    batch_key, mix_key = jax.random.split(jax.random.fold_in(step_root, state.step))
+  def one_step(state, permutation, train_images, train_labels, step_cfg, run_keys):
+    batch_key, mix_key = jax.random.split(jax.random.fold_in(run_keys.step, state.step))
     batch = steps.prepare_batch(train_images, train_labels, state.step, batch_key,
-                                data_key, step_cfg)
+                                permutation, step_cfg)
     return finish(state, batch, mix_key, step_cfg)
   return one_step
 
 
 def steps_per_dispatch(config, steps_per_epoch: int) -> int:
-  """Most steps one dispatch runs (`config.steps_per_dispatch`).
+  """Steps of one compiled chunk (`config.steps_per_dispatch`), at most an epoch's.
 
   1 is the step loop (one jitted step per dispatch); more runs
-  `chunk_runner`'s compiled loop, whose buffer this sizes. 0 picks what is
-  faster on the backend: an epoch on accelerators, the step loop on CPUs,
-  where XLA (jaxlib 0.10) leaves the weight-gradient convolutions inside a
-  while loop in a layout its fast convolution kernels do not take and runs
-  them ~15x slower (measured: 16 vs 250 images/s, docs/benchmarks.md).
+  `chunk_runner`'s compiled loop of that many steps, and what is left of an
+  epoch (or of a stretch that a stop cuts) one step at a time. 0 picks what
+  is faster on the backend: a whole epoch on accelerators, the step loop on
+  CPUs, where XLA (jaxlib 0.10) leaves the weight-gradient convolutions
+  inside a loop in a layout its fast convolution kernels do not take and
+  runs them ~15x slower (measured: 16 vs 250 images/s, docs/benchmarks.md).
   """
   requested = int(config.get("steps_per_dispatch", 0))
   if requested <= 0:
     return 1 if jax.default_backend() == "cpu" else steps_per_epoch
   return min(requested, steps_per_epoch)
+
+
+def make_epoch_inputs(num_examples: int, mesh, members: bool = False) -> Callable:
+  """(run keys, epoch) -> the sampler R's permutation of that epoch, replicated.
+
+  Drawn once per epoch (a sort of N keys), not inside every step.
+  """
+  def permutation(run_keys, epoch):
+    return sampling.epoch_permutation(run_keys.data, epoch, num_examples)
+
+  if members:
+    permutation = jax.vmap(permutation, in_axes=(0, None))
+  return jax.jit(permutation, out_shardings=parallel.replicated(mesh))
 
 
 def build(config, dataset, mesh) -> Setup:
@@ -147,24 +179,21 @@ def build(config, dataset, mesh) -> Setup:
                              models.logit_scale(config.model))
   tx, schedule = steps.make_optimizer(config, step_cfg.steps_per_epoch)
   model = models.create_model(config.model, dataset.info.num_classes)
-  # One key for the run: init, the sampler's epoch permutations, and a root
-  # folded with the global step. They enter the step as an argument, not as
-  # constants, so runs that differ only in the seed compile to one program.
-  run_keys = jax.random.split(jax.random.key(config.seed), 3)
-  state = steps.create_train_state(run_keys[0], model, dataset.image_shape, tx)
+  run_keys = RunKeys.from_seed(config.seed)
+  state = steps.create_train_state(run_keys.init, model, dataset.image_shape, tx)
   one_step = make_one_step(loss_fn, schedule, mesh, streaming)
   jit = functools.partial(jax.jit, donate_argnums=(0,),
                           out_shardings=(replicated, replicated))
-  update = jit(one_step)
-  max_steps = steps_per_dispatch(config, step_cfg.steps_per_epoch)
-  run_chunk = None if streaming or max_steps == 1 else jit(chunk_runner(one_step, max_steps))
+  chunk = 1 if streaming else steps_per_dispatch(config, step_cfg.steps_per_epoch)
   eval_step = evaluation.make_step(
       functools.partial(steps.eval_step, mean=dataset.info.mean, std=dataset.info.std),
       dataset.info.num_classes, config.calibration_bins, mesh)
   arrays = (step_cfg, run_keys) if streaming else (
       dataset.train_images, dataset.train_labels, step_cfg, run_keys)
-  return Setup(update, run_chunk, eval_step, parallel.replicate(state, mesh),
-               parallel.replicate(arrays, mesh), step_cfg, streaming)
+  return Setup(jit(one_step), None if chunk == 1 else jit(chunk_runner(one_step, chunk)),
+               chunk, None if streaming else make_epoch_inputs(step_cfg.num_examples, mesh),
+               eval_step, parallel.replicate(state, mesh), parallel.replicate(arrays, mesh),
+               step_cfg, streaming)
 
 
 @dataclasses.dataclass
@@ -187,6 +216,8 @@ class Run:
   record: dict = dataclasses.field(default_factory=dict)  # run.json (process 0).
   wall_start: float = dataclasses.field(default_factory=time.time)
   train_batches: Any = None       # Streamed: iterator of this process's rows.
+  fed: Any = None                 # In memory: the permutation of epoch `fed_epoch`.
+  fed_epoch: int | None = None
   evaluations: list = dataclasses.field(default_factory=list)
   final_logits: np.ndarray | None = None  # [M, C] of the latest evaluation that kept them.
 
@@ -195,30 +226,70 @@ class Run:
     return self.setup.step_cfg.steps_per_epoch
 
 
-def advance(run: Run, num_steps: int) -> dict:
-  """Trains `num_steps` more steps; returns the per-step statistics [n, ...]."""
-  setup = run.setup
-  if setup.run_chunk is not None:
-    run.state, buffer = setup.run_chunk(run.state, jnp.int32(num_steps), *setup.arrays)
-    return {k: parallel.local_value(v)[:num_steps] for k, v in buffer.items()}
-  history = []
-  for _ in range(num_steps):  # Dispatches run ahead; nothing blocks until the end.
-    if setup.streaming:
+def epoch_fed(run: Run, step: int):
+  """The in-memory step's per-dispatch input at `step`: its epoch's permutation."""
+  epoch = step // run.steps_per_epoch
+  if run.fed_epoch != epoch:
+    run.fed = run.setup.epoch_inputs(run.setup.arrays[-1], epoch)
+    run.fed_epoch = epoch
+  return run.fed
+
+
+def advance(run: Run, done: int, num_steps: int) -> dict:
+  """Trains `num_steps` steps from step `done`; returns the per-step statistics [n, ...].
+
+  In memory, the stretch runs as whole compiled chunks, then single steps
+  for what remains of the epoch (when the chunk does not divide it); every
+  stretch starts at an epoch's start or a chunk's end (`next_boundary`), so
+  each step runs in the same program however the run was cut, and a resumed
+  run computes the same bits. Streamed: one step per batch.
+  """
+  setup, history = run.setup, []
+  if setup.streaming:
+    for _ in range(num_steps):  # Dispatches run ahead; nothing blocks until the end.
       batch = parallel.to_global(next(run.train_batches), run.mesh, run.config.batch_size)
       run.state, stats = setup.update(run.state, batch, *setup.arrays)
-    else:
-      run.state, stats = setup.update(run.state, *setup.arrays)
-    history.append(stats)
-  return {k: np.stack([parallel.local_value(s[k]) for s in history]) for k in history[0]}
+      history.append(jax.tree.map(lambda x: x[None], stats))
+  else:
+    fed = epoch_fed(run, done)  # A stretch never crosses an epoch's end.
+    chunks, singles = divmod(num_steps, setup.chunk_steps) if setup.run_chunk else (0, num_steps)
+    for _ in range(chunks):
+      run.state, stats = setup.run_chunk(run.state, fed, *setup.arrays)
+      history.append(stats)
+    for _ in range(singles):
+      run.state, stats = setup.update(run.state, fed, *setup.arrays)
+      history.append(jax.tree.map(lambda x: x[None], stats))
+  return {k: np.concatenate([parallel.local_value(h[k]) for h in history])
+          for k in history[0]}
+
+
+def chunk_end(step: int, steps_per_epoch: int, chunk: int) -> int:
+  """The first end of a whole chunk (counted from the epoch's start) at or after `step`.
+
+  An epoch's end counts as one (its last stretch may be shorter than a chunk).
+  """
+  start = step // steps_per_epoch * steps_per_epoch
+  if step == start:
+    return step
+  return min(start + -(-(step - start) // chunk) * chunk, start + steps_per_epoch)
 
 
 def next_boundary(done: int, run: Run, stop_at_step: int | None) -> int:
-  """The next step at which the host must look: log, epoch end, stop, end."""
-  log_every, spe = run.config.log_every_steps, run.steps_per_epoch
-  candidates = [(done // log_every + 1) * log_every, (done // spe + 1) * spe,
-                run.total_steps]
+  """The next step at which the host must look: epoch end, stop, end, and log.
+
+  Compiled chunks report every step's statistics, so their log lines are
+  written afterwards and only epochs (and stops, at the end of a chunk)
+  end a stretch; the step loop and streamed data stop at each log step too
+  (the host is there anyway, and preemption is asked sooner).
+  """
+  spe, chunk = run.steps_per_epoch, run.setup.chunk_steps
+  candidates = [(done // spe + 1) * spe, run.total_steps]
+  if run.setup.run_chunk is None:
+    log_every = run.config.log_every_steps
+    candidates.append((done // log_every + 1) * log_every)
   if stop_at_step is not None and stop_at_step > done:
-    candidates.append(stop_at_step)
+    candidates.append(stop_at_step if run.setup.run_chunk is None
+                      else chunk_end(stop_at_step, spe, chunk))
   return min(candidates)
 
 
@@ -233,22 +304,37 @@ def check_finite(stats: dict, first_step: int, last_checkpoint) -> None:
         "optim.learning_rate or check the data and the loss settings.")
 
 
-def log_interval(run: Run, done: int, stats: dict) -> None:
-  """One progress line and one train_metrics.jsonl record at step `done`.
+def log_stretch(run: Run, first: int, stats: dict, epoch_end: bool) -> None:
+  """train_metrics.jsonl records of a stretch of steps, and one progress line.
 
+  A record for every log step of steps first+1 .. first+n (and for the
+  stretch's last step at an epoch's end), each from that step's statistics.
   Statistics of K runs in one program (population.py) have a member axis:
   the console shows their mean, the record keeps one value per member.
+
+  Args:
+    run: the Run.
+    first: the step the stretch started from.
+    stats: per-step statistics [n, ...] (`advance`).
+    epoch_end: the stretch ends an epoch (or the run).
   """
-  last = {k: np.asarray(v[-1]) for k, v in stats.items()}
-  means = {k: float(np.mean(v)) for k, v in last.items()}
-  speed = run.console.progress(done, (done - 1) // run.steps_per_epoch + 1, means)
-  record = {"step": done, "epoch": done / run.steps_per_epoch,
-            **{k: v.tolist() if v.ndim else float(v) for k, v in last.items()},
-            "images_per_second": speed["images_per_second"],
-            "elapsed_s": time.time() - run.wall_start}
-  run.train_log.append(record)
-  run.writer.write_scalars(done, {**means, "epoch": record["epoch"],
-                                  "images_per_second": speed["images_per_second"]})
+  last = first + len(stats["loss"])
+  logged = [s for s in range(first + 1, last + 1) if s % run.config.log_every_steps == 0]
+  if epoch_end and last not in logged:
+    logged.append(last)
+  if not logged:
+    return
+  final = {k: float(np.mean(v[logged[-1] - first - 1])) for k, v in stats.items()}
+  speed = run.console.progress(logged[-1], (logged[-1] - 1) // run.steps_per_epoch + 1,
+                               final)["images_per_second"]
+  for step in logged:
+    row = {k: np.asarray(v[step - first - 1]) for k, v in stats.items()}
+    record = {"step": step, "epoch": step / run.steps_per_epoch,
+              **{k: v.tolist() if v.ndim else float(v) for k, v in row.items()},
+              "images_per_second": speed, "elapsed_s": time.time() - run.wall_start}
+    run.train_log.append(record)
+    run.writer.write_scalars(step, {**{k: float(np.mean(v)) for k, v in row.items()},
+                                    "epoch": record["epoch"], "images_per_second": speed})
 
 
 def evaluate_test_set(run: Run, keep_logits: bool) -> evaluation.Result:
@@ -310,12 +396,11 @@ def train_loop(run: Run, stop_at_step: int | None, watcher, evaluate_fn=None) ->
     if done >= run.total_steps:
       break
     target = next_boundary(done, run, stop_at_step)
-    stats = advance(run, target - done)
+    stats = advance(run, done, target - done)
     check_finite(stats, done, run.last_checkpoint)
+    epoch_end = target % spe == 0 or target == run.total_steps
+    log_stretch(run, done, stats, epoch_end)
     done = target
-    epoch_end = done % spe == 0 or done == run.total_steps
-    if done % config.log_every_steps == 0 or epoch_end:
-      log_interval(run, done, stats)
     if epoch_end:
       epoch = -(-done // spe)
       if epoch % config.eval_every_epochs == 0 or done == run.total_steps:
@@ -323,8 +408,8 @@ def train_loop(run: Run, stop_at_step: int | None, watcher, evaluate_fn=None) ->
       if epoch % config.checkpoint_every_epochs == 0 or done == run.total_steps:
         save_checkpoint(run, done)
     preempted = watcher.reached(boundary)  # Asked at every boundary, on every host.
-    reason = ("stop_at_step" if done == stop_at_step else
-              "preempted" if preempted else None)
+    stopping = stop_at_step is not None and run.start_step < stop_at_step <= done
+    reason = "stop_at_step" if stopping else "preempted" if preempted else None
     if reason and done < run.total_steps:
       save_checkpoint(run, done)
       run.manager.wait_until_finished()
@@ -457,7 +542,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       TensorBoard events. Only process 0 writes files besides checkpoints.
     allow_config_change: resume even if the workdir's saved config differs
       (the change is recorded in run.json and summary.json).
-    stop_at_step: checkpoint and return at this step, as on preemption.
+    stop_at_step: checkpoint and return at this step, as on preemption (with
+      compiled chunks, at the end of the chunk that holds it).
     mesh: the device mesh (axis 'data'); default `parallel.make_mesh()`.
 
   Returns:
@@ -465,6 +551,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     'reason': 'stop_at_step' | 'preempted'} when the run stopped early.
   """
   wall_start = time.time()
+  cache = compilation.CacheCounter()
   run = prepare(config, workdir, allow_config_change, mesh)
   run.wall_start = wall_start
   describe(run)
@@ -486,6 +573,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     run.final_logits = evaluation.split_logits(evaluate_test_set(run, keep_logits=True))
   validation = validation_logits(run)  # Every process takes part.
   summary = summarize(run, time.time() - run.wall_start)
+  summary["compilation_cache"] = cache.summary()
   if distributed.is_main_process():
     reporting.write_json(run.workdir / "summary.json", summary)
     report.write_training_report(run.workdir, run.config, run.final_logits,

@@ -129,3 +129,18 @@ def test_check_reports_runs_that_differ(tmp_path, uninterrupted, capsys):
   assert "repeat: parameters differ: first differing leaf" in printed
   assert "repeat: per-step losses differ from step 4 on" in printed
   assert "repeat: final metrics differ by " in printed
+
+
+def test_a_second_start_loads_its_programs_from_the_compilation_cache(tmp_path, cifar10_file):
+  cache = tmp_path / "cache"
+  summaries = []
+  for k in range(2):
+    result = run_main(tmp_path / f"run{k}", "--config.num_epochs=1",
+                      JAX_COMPILATION_CACHE_DIR=str(cache))
+    assert result.returncode == 0, result.stderr[-3000:]
+    summaries.append(summary(tmp_path / f"run{k}")["compilation_cache"])
+  cold, warm = summaries
+  assert cold["dir"] == warm["dir"] == str(cache)
+  assert cold["loaded"] == 0 and cold["compiled"] > 0
+  # Every program the cold start compiled (the step, evaluation, ...) is loaded.
+  assert warm["loaded"] >= cold["compiled"] and warm["compiled"] == 0

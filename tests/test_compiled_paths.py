@@ -30,25 +30,56 @@ def trees_equal(a, b):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
-def test_compiled_chunk_equals_the_step_loop():
+def test_compiled_epoch_equals_the_step_loop():
   dataset = synthetic_dataset()
   config = synthetic_config(mix__name="unimix", steps_per_dispatch=6)
   setup = train.build(config, dataset, parallel.make_mesh())
+  assert setup.chunk_steps == 6 and setup.step_cfg.steps_per_epoch == 11
   arrays, initial = setup.arrays, jax.tree.map(jnp.copy, setup.state)
+  permutation = setup.epoch_inputs(arrays[-1], 0)
+  # R's permutation of epoch 0, drawn once, is the one each step used to draw.
+  np.testing.assert_array_equal(
+      np.asarray(permutation),
+      np.asarray(jax.random.permutation(jax.random.fold_in(
+          jax.random.split(jax.random.key(config.seed), 3)[1], 0), len(dataset.train_labels))))
 
   state, losses = jax.tree.map(jnp.copy, initial), []
   for _ in range(6):
-    state, stats = setup.update(state, *arrays)
+    state, stats = setup.update(state, permutation, *arrays)
     losses.append(float(stats["loss"]))
-  whole, buffer = setup.run_chunk(jax.tree.map(jnp.copy, initial), jnp.int32(6), *arrays)
+  whole, buffer = setup.run_chunk(jax.tree.map(jnp.copy, initial), permutation, *arrays)
   np.testing.assert_allclose(np.asarray(buffer["loss"]), losses, rtol=1e-5)
   trees_close(whole.params, state.params, rtol=1e-4, atol=1e-6)
-  assert int(whole.step) == int(state.step) == 6
-  # 2 + 4 steps run the same loop body as 6: the same bits.
-  part, _ = setup.run_chunk(jax.tree.map(jnp.copy, initial), jnp.int32(2), *arrays)
-  part, rest = setup.run_chunk(part, jnp.int32(4), *arrays)
-  trees_equal(part.params, whole.params)
-  np.testing.assert_array_equal(np.asarray(rest["loss"])[:4], np.asarray(buffer["loss"])[2:])
+  assert int(whole.step) == int(state.step) == 6 and buffer["loss"].shape == (6,)
+
+
+def test_a_run_in_compiled_chunks_equals_the_step_loop_bit_for_bit(tmp_path, monkeypatch):
+  # 11 steps an epoch as two chunks of 4 and 3 single steps; a stop asked at
+  # step 7 comes at the end of its chunk (8), so the resumed run runs every
+  # step in the same program as an uncut one: the same bits, and a record
+  # for every log step with the step loop's losses (to float tolerance).
+  dataset = synthetic_dataset()
+  monkeypatch.setattr(data_lib, "load", lambda cfg: dataset)
+  loop = train.train_and_evaluate(synthetic_config(steps_per_dispatch=1, log_every_steps=2),
+                                  str(tmp_path / "loop"))
+  chunked = synthetic_config(steps_per_dispatch=4, log_every_steps=2)
+  stopped = train.train_and_evaluate(chunked, str(tmp_path / "chunks"), stop_at_step=7)
+  assert stopped == {"stopped_at_step": 8, "reason": "stop_at_step"}
+  summary = train.train_and_evaluate(chunked, str(tmp_path / "chunks"))
+  uncut = train.train_and_evaluate(chunked, str(tmp_path / "uncut"))
+  assert summary["fingerprint"] == uncut["fingerprint"]
+  records = [json.loads(l) for l in
+             (tmp_path / "chunks" / "train_metrics.jsonl").read_text().splitlines()]
+  expected = [json.loads(l) for l in
+              (tmp_path / "loop" / "train_metrics.jsonl").read_text().splitlines()]
+  # Every even step and each epoch's end (11, 22, 33), with the same losses.
+  assert [r["step"] for r in records] == [r["step"] for r in expected] == sorted(
+      set(range(2, 34, 2)) | {11, 22, 33})
+  np.testing.assert_allclose([r["loss"] for r in records], [r["loss"] for r in expected],
+                             rtol=1e-5)
+  _, a = checkpointing.read_state_tree(tmp_path / "chunks")
+  _, b = checkpointing.read_state_tree(tmp_path / "loop")
+  trees_close(a["params"], b["params"], rtol=1e-4, atol=1e-5)
 
 
 def test_vmapped_runs_equal_their_separate_runs(tmp_path, monkeypatch):

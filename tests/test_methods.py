@@ -258,7 +258,7 @@ def test_resamplers_follow_pi_to_the_tau(sampler, tau):
 
   def batch_labels(key):
     return steps.prepare_batch(jnp.asarray(dataset.train_images), labels, jnp.int32(0),
-                               key, jax.random.key(0), cfg)["label"]
+                               key, jnp.arange(len(labels)), cfg)["label"]
 
   drawn = np.asarray(jax.jit(jax.vmap(batch_labels))(jax.random.split(jax.random.key(3), 100)))
   observed = np.bincount(drawn.ravel(), minlength=4)
@@ -338,8 +338,9 @@ def test_method_trains_on_a_separable_set(name, separable):
   config_checks.check_config(config)
   setup = train.build(config, separable, parallel.make_mesh())
   state, losses_seen = setup.state, []
-  for _ in range(config.num_epochs * setup.step_cfg.steps_per_epoch):
-    state, step_stats = setup.update(state, *setup.arrays)
+  for step in range(config.num_epochs * setup.step_cfg.steps_per_epoch):
+    fed = setup.epoch_inputs(setup.arrays[-1], step // setup.step_cfg.steps_per_epoch)
+    state, step_stats = setup.update(state, fed, *setup.arrays)
     losses_seen.append(float(step_stats["loss"]))
   assert np.all(np.isfinite(losses_seen))
   assert np.mean(losses_seen[-5:]) < np.mean(losses_seen[:5])

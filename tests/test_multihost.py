@@ -24,9 +24,10 @@ from tests.test_cli_runs import TINY, environment
 
 pytestmark = pytest.mark.slow
 
-# A compiled chunk of up to 4 steps, a log line every 4 steps: SIGTERM lands
-# between boundaries that the global step crosses 4 at a time.
-PREEMPTIBLE = [*TINY, "--config.steps_per_dispatch=4"]
+# Compiled chunks of 4 steps, a log line every 4 steps, 3 epochs of 12: the
+# host looks in at each epoch's end (steps 12, 24, 36), and SIGTERM lands
+# while the devices run a stretch.
+PREEMPTIBLE = [*TINY, "--config.steps_per_dispatch=4", "--config.num_epochs=3"]
 
 
 def free_port() -> int:
@@ -111,7 +112,7 @@ def test_sigterm_to_one_host_stops_both_at_one_step_and_resume_is_bit_identical(
   assert codes == [143, 143], [o[-3000:] for o in outputs]
   stopped = next(l for l in outputs[0].splitlines() if l.startswith("stopped at step"))
   step = int(stopped.split()[3])
-  assert 4 < step < 24 and "(preempted)" in stopped
+  assert 12 <= step < 36 and step % 12 == 0 and "(preempted)" in stopped
   assert checkpointing.read_state_tree(workdir)[0] == step  # Both hosts saved it.
   resumed = run_to_end(workdir)
   assert f"resuming at step {step}" in resumed[0]
@@ -120,8 +121,8 @@ def test_sigterm_to_one_host_stops_both_at_one_step_and_resume_is_bit_identical(
   assert summary["environment"]["process_count"] == 2
   # One line per log interval and evaluation: appended, never duplicated.
   assert [r["step"] for r in records(f"{workdir}/train_metrics.jsonl")] == list(
-      range(4, 25, 4))
-  assert [r["step"] for r in records(f"{workdir}/metrics.jsonl")] == [12, 24]
+      range(4, 37, 4))
+  assert [r["step"] for r in records(f"{workdir}/metrics.jsonl")] == [12, 24, 36]
   if where == "gcs":
     assert read(f"{workdir}/report.md").startswith("# cifar10")
 

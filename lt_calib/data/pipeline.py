@@ -600,8 +600,7 @@ class StreamingDataset:
         out["partner_label"] = row["partner_label"]
       return out
 
-    dataset = tf.data.Dataset.range(first, end).map(
-        step_rows, num_parallel_calls=2 if prefetch else None, deterministic=True)
+    dataset = tf.data.Dataset.range(first, end).map(step_rows)
     dataset = dataset.unbatch().map(decode, num_parallel_calls=tf.data.AUTOTUNE,
                                     deterministic=True)
     dataset = dataset.batch(local, drop_remainder=True).prefetch(tf.data.AUTOTUNE)

@@ -52,15 +52,28 @@ def class_index(labels: np.ndarray, num_classes: int) -> ClassIndex:
   return ClassIndex(jnp.asarray(order), jnp.asarray(start), jnp.asarray(counts))
 
 
-def epoch_permutation_slice(key: jax.Array, step: jax.Array, num_examples: int,
-                            batch_size: int, steps_per_epoch: int) -> jax.Array:
-  """Indices of batch `step` under the random sampler R.
+def epoch_permutation(key: jax.Array, epoch, num_examples: int) -> jax.Array:
+  """The random sampler R's order of the training set in epoch `epoch`.
 
   Args:
-    key: the run's data key; each epoch folds in its number, so any step of
-      any epoch is reproducible from the key alone (resumption included).
-    step: global step (traced).
+    key: the run's data key; each epoch folds in its number, so any epoch is
+      reproducible from the key alone (resumption included).
+    epoch: the epoch number (traced or not).
     num_examples: N.
+
+  Returns:
+    int32 [N], a permutation of 0..N-1.
+  """
+  return jax.random.permutation(jax.random.fold_in(key, epoch), num_examples)
+
+
+def permutation_slice(permutation: jax.Array, step: jax.Array, batch_size: int,
+                      steps_per_epoch: int) -> jax.Array:
+  """Indices of batch `step` under R: its slot of the epoch's permutation.
+
+  Args:
+    permutation: `epoch_permutation` of the step's epoch.
+    step: global step (traced).
     batch_size: global batch size.
     steps_per_epoch: N // batch_size (the last partial batch is dropped so
       every step has the same shape and compiles once).
@@ -68,10 +81,15 @@ def epoch_permutation_slice(key: jax.Array, step: jax.Array, num_examples: int,
   Returns:
     int32 [batch_size] indices, distinct within an epoch.
   """
-  epoch = step // steps_per_epoch
   position = (step % steps_per_epoch) * batch_size
-  permutation = jax.random.permutation(jax.random.fold_in(key, epoch), num_examples)
   return jax.lax.dynamic_slice_in_dim(permutation, position, batch_size)
+
+
+def epoch_permutation_slice(key: jax.Array, step: jax.Array, num_examples: int,
+                            batch_size: int, steps_per_epoch: int) -> jax.Array:
+  """Indices of batch `step` under R, from the key (`epoch_permutation` + slice)."""
+  permutation = epoch_permutation(key, step // steps_per_epoch, num_examples)
+  return permutation_slice(permutation, step, batch_size, steps_per_epoch)
 
 
 def class_level_log_probs(prior: np.ndarray, tau: float) -> np.ndarray:
