@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Results-fidelity grids (configs/grids/fidelity.py) on one lent GPU machine:
-# the decomposition first, then the data effect, then the rho rows, each
+# Results-fidelity grids (configs/grids/fidelity.py) on one lent GPU machine,
+# in the results issue's order: the data effect (balanced CIFAR-10, then the
+# second-generation control), the decomposition, then the rho rows, each
 # bounded by a time budget so that partial results always come back. Several
 # grid processes share each workdir (a ResNet-32 at batch 128 leaves most of
 # a GPU idle); each cell is trained by the process that locks it first.
@@ -16,9 +17,9 @@
 # Knobs (environment):
 #   TOTAL_SECONDS   whole script, copying included (default 540: one 600 s call)
 #   GRACE_SECONDS   from SIGTERM to KILL of a run that has not stopped (default 60)
-#   DECOMP_SECONDS, DATA_SECONDS, RHO_SECONDS
+#   DECOMP_SECONDS, DATA_SECONDS, GEN2_SECONDS, RHO_SECONDS
 #                   most seconds each part may take (default: what is left)
-#   PARTS           default "decomposition data_effect rho_rows"
+#   PARTS           default "data_effect second_generation decomposition rho_rows"
 #   RHOS            rho_rows values, default "10 50 100 200"
 #   RECIPE          rho_rows' UniMix recipe (a decomposition row), default official
 #   SEED_PASSES     seed counts run in turn, default "1 3": every row gets seed 0
@@ -43,7 +44,7 @@ if [ -n "${SMOKE:-}" ]; then
 else
   BUDGET=${BUDGET:-}; WORKERS=${WORKERS:-4}; SEED_PASSES=${SEED_PASSES:-"1 3"}
 fi
-PARTS=${PARTS:-"decomposition data_effect rho_rows"}
+PARTS=${PARTS:-"data_effect second_generation decomposition rho_rows"}
 RHOS=${RHOS:-"10 50 100 200"}
 RECIPE=${RECIPE:-official}
 RUNS=${RUNS:-runs/fidelity${BUDGET:+_$BUDGET}}
@@ -144,8 +145,15 @@ for part in $PARTS; do
   case $part in
     decomposition) cap=${DECOMP_SECONDS:-$TOTAL_SECONDS} ;;
     data_effect) cap=${DATA_SECONDS:-$TOTAL_SECONDS} ;;
+    second_generation)
+      cap=${GEN2_SECONDS:-$TOTAL_SECONDS}
+      # The degraded copy is made where it is used (132 MB: too large to carry).
+      [ -f data/cifar10_jpeg_gen2.npz ] || $PYTHON -m lt_calib.data.degrade \
+        --src="$LT_CALIB_DATA_DIR/cifar10_jpeg.npz" --out=data/cifar10_jpeg_gen2.npz \
+        --reference_pool="" > "$OUT/degrade.log" 2>&1 ;;
     rho_rows) cap=${RHO_SECONDS:-$TOTAL_SECONDS} ;;
-    *) echo "unknown part $part; allowed: decomposition data_effect rho_rows"; exit 2 ;;
+    *) echo "unknown part $part; allowed: data_effect second_generation decomposition rho_rows"
+       exit 2 ;;
   esac
   run_part "$part" "$cap"
 done
