@@ -7,7 +7,7 @@ line: the peak resident memory (ru_maxrss) of the evaluation itself, above
 what the process held before it started, and its wall time.
 
 - `gather` (what every evaluation did before): every logit of the split on
-  the host, then `metrics.summarize` in float64.
+  the host, then `summary.summarize` in float64.
 - `statistics` (every evaluation now, one host): per-batch sums on the
   devices (`evaluation.run`), this process's float32 logits kept for ACE and
   TACE, computed a block of classes at a time.
@@ -41,7 +41,7 @@ def run_mode(mode: str, classes: int, images: int, batch: int) -> dict:
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   from lt_calib import evaluation, parallel  # pylint: disable=g-import-not-at-top
-  from lt_calib.calibration import metrics  # pylint: disable=g-import-not-at-top
+  from lt_calib.calibration import summary as summary_lib  # pylint: disable=g-import-not-at-top
   from lt_calib.data import sources  # pylint: disable=g-import-not-at-top
 
   labels = np.arange(images, dtype=np.int32) % classes
@@ -66,7 +66,7 @@ def run_mode(mode: str, classes: int, images: int, batch: int) -> dict:
                                                             feed_rows),
                           images, mesh, batch, keep_logits=mode != "statistics_only")
   if mode == "gather":
-    record = metrics.summarize(evaluation.split_logits(result), labels, train_counts)
+    record = summary_lib.summarize(evaluation.split_logits(result), labels, train_counts)
   elif mode == "statistics":
     record = evaluation.summarize(result.statistics, train_counts,
                                   evaluation.split_logits(result), labels)

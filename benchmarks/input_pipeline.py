@@ -30,7 +30,7 @@ import time
 import ml_collections
 import numpy as np
 
-from lt_calib.data import fake, pipeline
+from lt_calib.data import fake, index_sequence, preprocess, streaming
 
 
 def cpu_model() -> str:
@@ -80,18 +80,17 @@ def main():
 
 def measure(args, root: str) -> None:
   """Times train_batches on the data under `root`; prints one JSON line."""
-  pipeline.ANTIALIAS = not args.no_antialias
-  dataset = pipeline.load_streaming_dataset(ml_collections.ConfigDict(dict(
+  preprocess.ANTIALIAS = not args.no_antialias
+  dataset = streaming.load_streaming_dataset(ml_collections.ConfigDict(dict(
       name="image_list", num_classes=40, image_root=root, split_dir=root,
       train_list="ImageNet_LT_train.txt", test_list="ImageNet_LT_test.txt",
       image_size=args.image_size)))
-  partner = np.log(np.full(40, 1 / 40)) if args.partner else None
+  laws = index_sequence.Laws(None, np.log(np.full(40, 1 / 40)) if args.partner else None)
   per_step = args.batch_size * (2 if args.partner else 1)
   rates = []
   for repeat in range(args.repeats):
     batches = dataset.train_batches(seed=repeat, start_step=0, global_batch=args.batch_size,
-                                    rows=np.arange(args.batch_size),
-                                    main_log_class_probs=None, partner_log_class_probs=partner)
+                                    rows=np.arange(args.batch_size), laws=laws)
     for _ in range(3):  # Warm-up: graph building, thread pools, page cache.
       next(batches)
     start = time.perf_counter()
@@ -106,7 +105,7 @@ def measure(args, root: str) -> None:
       "images_per_s_per_core": round(median / cores, 1), "cores": cores,
       "cpu": cpu_model(), "load_average": os.getloadavg(), "jpeg_size": args.jpeg_size,
       "image_size": args.image_size, "batch_size": args.batch_size,
-      "partner": args.partner, "antialias": pipeline.ANTIALIAS, "steps": args.steps,
+      "partner": args.partner, "antialias": preprocess.ANTIALIAS, "steps": args.steps,
       "repeats": args.repeats, "source": "gcs emulator" if args.gcs else "local files"}))
 
 

@@ -8,7 +8,7 @@ Kaiming-normal (fan-in) weights, a linear head with zero bias, global
 average pooling; 464,154 parameters with 10 classes. One step is forward,
 cross-entropy, backward and SGD (momentum 0.9, weight decay 2e-4 added to the
 gradient before momentum, as optax.add_decayed_weights + optax.sgd in
-lt_calib/train.py) on a fixed batch of 32x32 inputs, so it times the model
+lt_calib/train/step.py) on a fixed batch of 32x32 inputs, so it times the model
 step alone (the JAX library step also samples, augments and mixes).
 
 Needs the `bench` extra (`pip install -e .[bench]`, torch 2.13.0 CPU).

@@ -13,7 +13,8 @@ import time
 import jax
 
 from configs import cifar10_lt
-from lt_calib import parallel, train
+from lt_calib import parallel
+from lt_calib.train import setup as setup_lib
 from lt_calib.data import sources
 
 
@@ -28,9 +29,9 @@ def main():
   config = cifar10_lt.get_config()
   config.batch_size, config.mix.name, config.loss.name = args.batch_size, args.mix, args.loss
   config.model.dtype = args.dtype
-  setup = train.build(config, sources.load_dataset(config.dataset), parallel.make_mesh())
+  setup = setup_lib.build_for([config], sources.load_dataset(config.dataset), parallel.make_mesh())
   update, state = setup.update, setup.state
-  arrays = (setup.epoch_inputs(setup.arrays[-1], 0),) + tuple(setup.arrays)
+  arrays = (setup.feed.fed(0, setup.run_keys),) + tuple(setup.arrays)
   state, stats = update(state, *arrays)  # Compile and warm up.
   jax.block_until_ready(stats["loss"])
   start = time.perf_counter()

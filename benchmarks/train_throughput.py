@@ -8,13 +8,13 @@ spread; per JAX mode: the ratio to the reference PyTorch mode, as the ratio of
 medians and as the median of per-round ratios (robust to a slow round).
 
 Modes (see `MODES`):
-  jax_step_f32 / jax_step_bf16    the library step, `lt_calib.train.build(...).update`
+  jax_step_f32 / jax_step_bf16    the library step, `lt_calib.train.setup.build_for(...).update`
                                   (sampling, augmentation, UniMix, Bayias, SGD) on
                                   real CIFAR-10-LT, float32 / bfloat16 activations
   jax_model_f32 / jax_model_bf16  the model step alone: ResNet-32 from
                                   `lt_calib.models.create_model`, cross-entropy, SGD
                                   (momentum 0.9, weight decay 2e-4) on a fixed batch;
-                                  independent of train.py, and the same work as
+                                  independent of lt_calib.train, and the same work as
                                   the PyTorch step
   jax_model_f32_fused / _bf16_fused  the same with resnet_cifar.materialize_relu
                                   replaced by the identity: the model before it
@@ -23,9 +23,9 @@ Modes (see `MODES`):
   jax_epoch_f32 / jax_epoch_bf16  the library step compiled as a lax.fori_loop of
                                   --chunk_steps steps per dispatch (the compiled
                                   epoch; on XLA:CPU ~15x slower than the step loop,
-                                  see train.steps_per_dispatch)
+                                  see setup_lib.steps_per_dispatch)
   jax_vmap8_f32 / jax_vmap8_bf16  8 seeds vmapped in one program
-                                  (lt_calib/population.py), --chunk_steps per dispatch;
+                                  (lt_calib/train/population.py), --chunk_steps per dispatch;
                                   images/s counts all 8 models' images
   resnet50_f32 / resnet50_bf16    ImageNet-LT's ResNet-50 library step on a streamed
                                   (random uint8) batch at --resnet_size px
@@ -146,10 +146,11 @@ def _jax_runner(fn, state, args_tail, images_per_call, info):
 
 
 def _library_step(args, context, dtype):
-  from lt_calib import parallel, train  # pylint: disable=g-import-not-at-top
+  from lt_calib import parallel  # pylint: disable=g-import-not-at-top
+  from lt_calib.train import setup as setup_lib  # pylint: disable=g-import-not-at-top
   config = context.config(args, dtype)
-  setup = train.build(config, context.dataset(config), parallel.make_mesh())
-  fed = setup.epoch_inputs(setup.arrays[-1], 0)  # Epoch 0's permutation.
+  setup = setup_lib.build_for([config], context.dataset(config), parallel.make_mesh())
+  fed = setup.feed.fed(0, setup.run_keys)  # Epoch 0's permutation.
   return _jax_runner(setup.update, setup.state, (fed,) + tuple(setup.arrays),
                      args.batch_size, {"mix": args.mix, "loss": args.loss})
 
@@ -159,19 +160,20 @@ def _library_chunk(args, context, dtype, members: int = 1):
 
   members > 1: that many seeds vmapped in one program (population.py).
   """
-  from lt_calib import parallel, population, train  # pylint: disable=g-import-not-at-top
+  from lt_calib import parallel  # pylint: disable=g-import-not-at-top
+  from lt_calib.train import setup as setup_lib  # pylint: disable=g-import-not-at-top
   config = context.config(args, dtype)
   dataset = context.dataset(config)
   steps = min(args.chunk_steps, len(dataset.train_labels) // args.batch_size)
   config.steps_per_dispatch = steps
   if members == 1:
-    setup = train.build(config, dataset, parallel.make_mesh())
+    setup = setup_lib.build_for([config], dataset, parallel.make_mesh())
   else:
     configs = [config.copy_and_resolve_references() for _ in range(members)]
     for seed, member in enumerate(configs):
       member.seed = seed
-    setup = population.build(configs, dataset, parallel.make_mesh())
-  fed = setup.epoch_inputs(setup.arrays[-1], 0)  # Epoch 0's permutation(s).
+    setup = setup_lib.build_for(configs, dataset, parallel.make_mesh())
+  fed = setup.feed.fed(0, setup.run_keys)  # Epoch 0's permutation(s).
   if setup.run_chunk is None:  # steps == 1: a chunk is the step loop.
     return _jax_runner(setup.update, setup.state, (fed,) + tuple(setup.arrays),
                        members * args.batch_size, {"members": members})
@@ -195,8 +197,10 @@ def _resnet50_step(args, context, dtype):
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   from configs import imagenet_lt  # pylint: disable=g-import-not-at-top
-  from lt_calib import parallel, train  # pylint: disable=g-import-not-at-top
-  from lt_calib.data import long_tail, sources  # pylint: disable=g-import-not-at-top
+  from lt_calib import parallel  # pylint: disable=g-import-not-at-top
+  from lt_calib.data import long_tail, sources, streaming  # pylint: disable=g-import-not-at-top
+  from lt_calib.train import setup as setup_lib  # pylint: disable=g-import-not-at-top
+  from lt_calib.train import step as step_lib  # pylint: disable=g-import-not-at-top
   config = imagenet_lt.get_config("resnet50")
   config.batch_size, config.model.dtype = args.resnet_batch, dtype
   size, classes, batch = args.resnet_size, 1000, args.resnet_batch
@@ -209,7 +213,10 @@ def _resnet50_step(args, context, dtype):
       prior=long_tail.class_prior(labels, classes), train_labels=labels,
       image_shape=(size, size, 3))
   mesh = parallel.make_mesh()
-  setup = train.build(config, dataset, mesh)
+  # The streamed step, fed a fixed batch (the input pipeline is benchmarked apart).
+  feed = streaming.PipelineFeed(iter(()), mesh, batch)
+  setup = setup_lib.build([config], dataset, mesh, feed,
+                          [step_lib.make_step_config(config, dataset)])
   rng = np.random.default_rng(0)
   local = {"image": rng.integers(0, 256, (batch, size, size, 3), dtype=np.uint8),
            "label": rng.integers(0, classes, batch).astype(np.int32)}
@@ -248,7 +255,7 @@ def make_model_step(batch_size: int = 128, dtype: str = "float32", depth: int = 
   init_key, image_key, label_key = jax.random.split(jax.random.key(seed), 3)
   variables = jax.jit(functools.partial(model.init, train=False))(
       init_key, jnp.zeros((1, 32, 32, 3)))
-  # As lt_calib/train.py's optimizer: decay added to the gradient before momentum.
+  # As lt_calib/train/state.py's optimizer: decay added to the gradient before momentum.
   tx = optax.chain(optax.add_decayed_weights(2e-4), optax.sgd(0.1, momentum=0.9))
   state = (variables["params"], variables["batch_stats"],
            tx.init(variables["params"]))
@@ -303,7 +310,7 @@ def _torch_step(args, context, dtype, channels_last):
 
 for _dtype, _suffix in (("float32", "f32"), ("bfloat16", "bf16")):
   register(f"jax_step_{_suffix}", "jax", _dtype,
-           "library step: train.build(...).update on CIFAR-10-LT")(
+           "library step: setup.build_for(...).update on CIFAR-10-LT")(
                functools.partial(_library_step, dtype=_dtype))
   register(f"jax_model_{_suffix}", "jax", _dtype,
            "model step: create_model + cross-entropy + SGD, fixed batch")(

@@ -39,7 +39,7 @@ def paper_config(dataset: str, num_classes: int, tau: float) -> ml_collections.C
   ))
   config.mix = ml_collections.ConfigDict(dict(
       # 'none', 'mixup', 'remix', 'manifold_mixup', 'unimix', and UniMix's
-      # halves 'unimix_factor' and 'unimix_sampler' (lt_calib/mixing.py).
+      # halves 'unimix_factor' and 'unimix_sampler' (lt_calib/method/mixing.py).
       name="unimix",
       # Beta(alpha, alpha); None = the method's default: 0.5 for UniMix
       # (Appendix C.1), 1.0 for mixup and Remix, 2.0 for manifold mixup.
@@ -58,7 +58,7 @@ def paper_config(dataset: str, num_classes: int, tau: float) -> ml_collections.C
   ))
   config.loss = ml_collections.ConfigDict(dict(
       # 'ce', 'bayias', 'logit_adjusted', 'focal', 'class_balanced', 'cdt',
-      # 'ldam' (lt_calib/losses.py).
+      # 'ldam' (lt_calib/method/losses.py).
       name="bayias",
       test_prior="uniform",    # pi' of Bayias: 'uniform' or C comma-separated weights.
       la_tau=1.0,              # Logit adjustment (Menon et al. 2021).
@@ -83,6 +83,8 @@ def paper_config(dataset: str, num_classes: int, tau: float) -> ml_collections.C
   config.num_epochs = 200
   config.eval_batch_size = 512
   config.eval_every_epochs = 10
+  # Orbax save_interval_steps: every 10 epochs, plus the first save, the last
+  # step and any stop (preemption, --stop_at_step).
   config.checkpoint_every_epochs = 10
   config.keep_checkpoints = 3
   config.log_every_steps = 100

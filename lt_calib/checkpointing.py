@@ -1,9 +1,10 @@
 """Checkpoints with their fingerprints, and preemption-safe stopping.
 
-A checkpoint is an Orbax composite of two items: 'state' (the TrainState:
-parameters, BatchNorm statistics, optimizer state, step) and 'meta' (JSON:
-the SHA-256 fingerprint of parameters and BatchNorm statistics, and the
-software and hardware that produced them). Orbax writes each checkpoint into
+A checkpoint is an Orbax composite with one item, 'state' (the TrainState:
+parameters, BatchNorm statistics, optimizer state, step), and Orbax's
+per-step custom metadata: the SHA-256 fingerprint of parameters and
+BatchNorm statistics, and the software and hardware that produced them.
+Orbax also keeps the cadence (`save_interval_steps`). Orbax writes each checkpoint into
 a temporary folder and renames it when complete, so a process killed while
 saving leaves nothing that a later run would restore.
 
@@ -22,7 +23,7 @@ import orbax.checkpoint as ocp
 
 from lt_calib import parallel, storage
 
-STATE, META = "state", "meta"
+STATE = "state"
 
 
 def fingerprint(state) -> str:
@@ -56,25 +57,49 @@ def environment() -> dict:
           "device_kind": device.device_kind, "process_count": jax.process_count()}
 
 
-def make_manager(workdir, max_to_keep: int | None, read_only: bool = False):
+def make_manager(workdir, max_to_keep: int | None, read_only: bool = False,
+                 save_interval_steps: int | None = None):
   """Orbax manager of `<workdir>/checkpoints` (local path or gs://).
 
-  `read_only` managers only restore: they create nothing and delete nothing
-  (no max_to_keep). Orbax's own read_only option is not used because it
-  logs three warnings per manager.
+  Args:
+    workdir: the run's folder.
+    max_to_keep: checkpoints kept (None: all).
+    read_only: the manager only restores: it creates and deletes nothing.
+      Orbax's own read_only option is not used because it logs three
+      warnings per manager.
+    save_interval_steps: `save` without `force` writes only on multiples of
+      this (and the first time); None: every time.
+
+  Returns:
+    an `ocp.CheckpointManager`.
   """
   directory = storage.local_or_resolved(workdir) / "checkpoints"
   options = ocp.CheckpointManagerOptions(
-      max_to_keep=None if read_only else max_to_keep, create=not read_only)
+      max_to_keep=None if read_only else max_to_keep, create=not read_only,
+      save_interval_steps=save_interval_steps)
   return ocp.CheckpointManager(directory, options=options)
 
 
-def save(manager, step: int, state, extra_meta: dict | None = None) -> dict:
-  """Starts saving `state` at `step` with its fingerprint; returns the metadata."""
+def save(manager, step: int, state, extra_meta: dict | None = None,
+         force: bool = True) -> dict | None:
+  """Starts saving `state` at `step` with its fingerprint.
+
+  Args:
+    manager: from `make_manager`.
+    step: the global step.
+    state: the TrainState.
+    extra_meta: more JSON fields for the metadata.
+    force: save whatever the manager's interval says (ends, stops).
+
+  Returns:
+    the metadata written, or None where the interval skipped this step.
+  """
+  if not force and not manager.should_save(int(step)):
+    return None
   meta = {"step": int(step), "fingerprint": fingerprint(state), **environment(),
           **(extra_meta or {})}
-  manager.save(int(step), args=ocp.args.Composite(**{
-      STATE: ocp.args.StandardSave(state), META: ocp.args.JsonSave(meta)}))
+  manager.save(int(step), args=ocp.args.Composite(**{STATE: ocp.args.StandardSave(state)}),
+               custom_metadata=meta, force=force)
   return meta
 
 
@@ -86,9 +111,8 @@ def restore(manager, step: int, target):
 
 
 def read_meta(manager, step: int) -> dict:
-  """The JSON metadata saved with checkpoint `step`."""
-  return manager.restore(int(step), args=ocp.args.Composite(**{
-      META: ocp.args.JsonRestore()}))[META]
+  """The metadata (fingerprint, environment) saved with checkpoint `step`."""
+  return dict(manager.metadata(int(step)).custom_metadata)
 
 
 def read_state_tree(workdir, step: int | None = None) -> tuple:

@@ -9,10 +9,12 @@ registry's own list.
 import math
 from typing import Callable
 
-from lt_calib import losses, mixing, models, steps
-from lt_calib.data import long_tail, sampling, sources
+from lt_calib import models
+from lt_calib.data import long_tail, sources
 from lt_calib.errors import ConfigError
+from lt_calib.method import losses, mixing, sampling
 from lt_calib.models import heads
+from lt_calib.train import state
 
 PAIRINGS = ("sampler", "in_batch")
 
@@ -135,8 +137,8 @@ def _check_loss(config) -> None:
 def _check_optim(opt) -> None:
   _check_number("optim.learning_rate", opt.learning_rate, lambda v: v > 0, "> 0")
   scaling = opt.get("lr_scaling", "none")
-  _require(scaling in steps.LR_SCALING, f"optim.lr_scaling={scaling!r} is unknown; "
-           f"allowed: {steps.LR_SCALING}.")
+  _require(scaling in state.LR_SCALING, f"optim.lr_scaling={scaling!r} is unknown; "
+           f"allowed: {state.LR_SCALING}.")
   if scaling == "linear":
     _check_int("optim.reference_batch_size", opt.get("reference_batch_size"), 1)
   _check_number("optim.momentum", opt.momentum, lambda v: 0 <= v < 1, "in [0, 1)")

@@ -22,7 +22,6 @@ print(posthoc.test_prior_spec(RHO, C))")`).
 
 import csv
 import dataclasses
-import functools
 import io
 import json
 import logging
@@ -34,12 +33,15 @@ import jax
 import ml_collections
 import numpy as np
 
-from lt_calib import (checkpointing, cli, compilation, evaluation, losses, models, parallel,
-                      steps, storage)
+from lt_calib import checkpointing, cli, compilation, evaluation, models, parallel, storage
 from lt_calib import data as data_lib
-from lt_calib.calibration import metrics, posthoc, report
-from lt_calib.data import sources
+from lt_calib.calibration import posthoc, report
+from lt_calib.calibration import summary as summary_lib
+from lt_calib.data import offline
 from lt_calib.errors import MissingDataError
+from lt_calib.method import losses
+from lt_calib.train import setup as setup_lib
+from lt_calib.train import state as state_lib
 
 FLAGS = flags.FLAGS
 
@@ -68,7 +70,7 @@ def define_flags():
 class Run:
   """A restored run: its config, data, checkpoint step and a logits function."""
   config: ml_collections.ConfigDict
-  dataset: object  # sources.Dataset or pipeline.StreamingDataset.
+  dataset: object  # lt_calib/data/__init__.py's interface.
   step: int
   logits_fn: Callable[[Iterator[dict], int], np.ndarray]
   test_logits: np.ndarray
@@ -93,9 +95,9 @@ def load_run(workdir, checkpoint: Optional[int] = None, test_subset: int = 0) ->
   config.dataset.test_subset = test_subset
   dataset = data_lib.load(config.dataset)
   model = models.create_model(config.model, dataset.info.num_classes)
-  tx, _ = steps.make_optimizer(config, len(dataset.train_labels) // config.batch_size)
+  tx, _ = state_lib.make_optimizer(config, len(dataset.train_labels) // config.batch_size)
   mesh = parallel.make_mesh()
-  state = parallel.replicate(steps.create_train_state(
+  state = parallel.replicate(state_lib.create_train_state(
       jax.random.key(0), model, dataset.image_shape, tx), mesh)
   manager = checkpointing.make_manager(workdir, max_to_keep=1, read_only=True)
   step = manager.latest_step() if checkpoint is None else checkpoint
@@ -104,9 +106,8 @@ def load_run(workdir, checkpoint: Optional[int] = None, test_subset: int = 0) ->
                            f"available: {list(manager.all_steps())}.")
   state = checkpointing.restore(manager, step, state)
   manager.close()
-  eval_step = evaluation.make_step(
-      functools.partial(steps.eval_step, mean=dataset.info.mean, std=dataset.info.std),
-      dataset.info.num_classes, config.calibration_bins, mesh)
+  eval_step = evaluation.make_step(setup_lib.eval_logits_fn(dataset),
+                                   dataset.info.num_classes, config.calibration_bins, mesh)
   batch = config.eval_batch_size
   rows = parallel.process_rows(mesh, batch)
 
@@ -121,21 +122,12 @@ def load_run(workdir, checkpoint: Optional[int] = None, test_subset: int = 0) ->
 
 
 def validation_logits(run: Run, per_class: int):
-  """(logits, labels) of a held-out split for temperature scaling, or None.
-
-  In-memory data: `per_class` unused training-pool images per class
-  (`sources.load_validation_split`); streamed data: the 'val' list, if the
-  dataset has one.
-  """
+  """(logits, labels) of the dataset's held-out split for temperature scaling, or None."""
   batch = run.config.eval_batch_size
-  rows = parallel.process_rows(parallel.make_mesh(), batch)
   try:
-    if isinstance(run.dataset, sources.Dataset):
-      images, labels = sources.load_validation_split(run.config.dataset, per_class)
-      batches = sources.padded_batches(images, labels, batch, rows)
-    else:
-      labels = run.dataset.eval_labels("val")
-      batches = run.dataset.eval_batches(global_batch=batch, rows=rows, split="val")
+    labels, batches = run.dataset.validation_batches(
+        per_class=per_class, global_batch=batch,
+        rows=parallel.process_rows(parallel.make_mesh(), batch))
   except FileNotFoundError as e:
     logging.warning("temperature scaling skipped: %s", e)
     return None
@@ -187,7 +179,7 @@ def label_shift_rows(run: Run, rhos, seed=0, bayias_logits=None, others=()) -> l
     if bayias_logits and rho in bayias_logits:
       methods["Bayias trained for pi'"] = bayias_logits[rho][idx]
     for method, logits in methods.items():
-      s = metrics.summarize(logits, labels[idx], counts, bins)
+      s = summary_lib.summarize(logits, labels[idx], counts, bins)
       rows.append({"method": method, "test_rho": rho, "num_images": len(idx),
                    **{k: s[k] for k in ("top1", "mean_class_acc", "ece", "nll")}})
   return rows
@@ -260,7 +252,7 @@ def evaluate_workdir(workdir, checkpoint=None, test_rhos=(1.0,), val_per_class=5
   log_ref = posthoc.reference_log_prior(config.loss, run.dataset.prior.prior)
   log_test = shifted_log_prior(labels, idx, num_classes)
   if not np.allclose(log_ref, log_test):
-    columns["prior-corrected"] = metrics.summarize(
+    columns["prior-corrected"] = summary_lib.summarize(
         posthoc.prior_correction(logits, log_ref, log_test), labels[idx], counts,
         config.calibration_bins)
   result = {"workdir": str(workdir), "checkpoint_step": run.step, "test_rho": main_rho,
@@ -294,7 +286,7 @@ def evaluate_workdir(workdir, checkpoint=None, test_rhos=(1.0,), val_per_class=5
     result["label_shift"] = rows
   summary = report.write_report(out, logits, labels[idx], counts, config.calibration_bins,
                                 title, extra, temperature,
-                                sources.load_class_names(config.dataset),
+                                offline.load_class_names(run.dataset.info, config.dataset),
                                 extra_columns=columns)
   result["summary"] = summary
   if columns:

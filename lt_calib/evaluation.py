@@ -4,7 +4,7 @@ One evaluator serves the training loop, `lt_calib.evaluate` and K runs in one
 program (population.py). Each global batch is padded to one fixed shape and
 carries every row's position in the split (-1 for padding). On the devices,
 one jitted function computes the logits and the sums of
-`metrics.batch_statistics` (counts, per-class hits, calibration bins, NLL,
+`summary_lib.batch_statistics` (counts, per-class hits, calibration bins, NLL,
 Brier), all-reduced over the mesh; only these sums (O(C x bins)) reach the
 hosts, never the [M, C] logits of the split, so an iNaturalist evaluation
 (24,426 x 8,142) moves kilobytes, not gigabytes. The logits stay sharded:
@@ -25,13 +25,14 @@ import numpy as np
 
 from lt_calib import parallel
 from lt_calib.calibration import metrics
+from lt_calib.calibration import summary as summary_lib
 
 
 class Result(NamedTuple):
   """What one evaluation of a split gives (per member for K runs).
 
   Attributes:
-    statistics: `metrics.batch_statistics` summed over the split (numpy);
+    statistics: `summary_lib.batch_statistics` summed over the split (numpy);
       each leaf has a leading member axis K when the model has members.
     index: int64 [n] split position of each row this process fed (-1 =
       padding), in feeding order.
@@ -61,7 +62,7 @@ def make_step(logits_fn: Callable, num_classes: int, num_bins: int, mesh,
     mesh), logits as [B, C] or [B, K, C] still sharded on 'data'.
   """
   def statistics_of(logits, labels, valid):
-    return metrics.batch_statistics(logits, labels, num_classes, num_bins, mask=valid)
+    return summary_lib.batch_statistics(logits, labels, num_classes, num_bins, mask=valid)
 
   def step(state, images, labels, index):
     logits = logits_fn(state, images)
@@ -136,7 +137,7 @@ def split_logits(result: Result) -> np.ndarray:
 
 def summarize(statistics: dict, train_counts, logits=None, labels=None,
               num_bins: int = 15) -> dict:
-  """The metrics of `metrics.summarize` from a run's statistics.
+  """The metrics of `summary.summarize` from a run's statistics.
 
   Args:
     statistics: `Result.statistics` of one model (no member axis).
@@ -146,9 +147,9 @@ def summarize(statistics: dict, train_counts, logits=None, labels=None,
     num_bins: also the ranges of ACE/TACE.
 
   Returns:
-    JSON-ready dict (see `metrics.summarize`).
+    JSON-ready dict (see `summary.summarize`).
   """
-  record = metrics.metrics_from_statistics(statistics, train_counts)
+  record = summary_lib.metrics_from_statistics(statistics, train_counts)
   record["ace"] = record["tace"] = None
   if logits is not None:
     ace, tace = metrics.adaptive_calibration_errors(logits, labels, num_bins)

@@ -48,15 +48,16 @@ def main(argv):
   # resize do not use them.
   os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
   # Imported here so that --help and flag errors answer before JAX loads.
-  from lt_calib import compilation, distributed, train  # pylint: disable=g-import-not-at-top
+  from lt_calib import compilation, distributed  # pylint: disable=g-import-not-at-top
+  from lt_calib.train import trainer  # pylint: disable=g-import-not-at-top
   compilation.enable_persistent_cache()
   distributed.initialize(FLAGS.distributed, FLAGS.coordinator_address,
                          FLAGS.num_processes, FLAGS.process_id)
-  result = train.train_and_evaluate(FLAGS.config, FLAGS.workdir,
+  result = trainer.train_and_evaluate(FLAGS.config, FLAGS.workdir,
                                     allow_config_change=FLAGS.allow_config_change,
                                     stop_at_step=FLAGS.stop_at_step)
   if result.get("reason") == "preempted":
-    sys.exit(train.PREEMPTED_EXIT_STATUS)
+    sys.exit(trainer.PREEMPTED_EXIT_STATUS)
 
 
 if __name__ == "__main__":

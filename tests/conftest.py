@@ -9,6 +9,7 @@ REPO = pathlib.Path(__file__).resolve().parent.parent
 CIFAR10_NPZ = REPO.parent / "shared" / "data" / "cifar10_jpeg.npz"
 
 
+
 def pytest_configure(config):
   config.addinivalue_line(
       "markers", "slow: trains a model or starts processes; left out of the fast tier "
@@ -36,23 +37,6 @@ def decoded_cache(tmp_path_factory):
   path = os.environ.get("LT_CALIB_CACHE_DIR") or str(tmp_path_factory.mktemp("cache"))
   os.environ["LT_CALIB_CACHE_DIR"] = path
   return path
-
-
-def tiny_config(**overrides):
-  """The :smoke config shrunk further: 12 steps an epoch, 200 test images."""
-  from configs import cifar10_lt  # pylint: disable=g-import-not-at-top
-  config = cifar10_lt.get_config("smoke")
-  config.model.width = 4
-  config.batch_size = 1024
-  config.dataset.test_subset = 200
-  config.log_every_steps = 4
-  for dotted, value in overrides.items():
-    node = config
-    *parents, leaf = dotted.split("__")
-    for name in parents:
-      node = node[name]
-    node[leaf] = value
-  return config
 
 
 @pytest.fixture(scope="session")

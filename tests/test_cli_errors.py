@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from lt_calib import cli, config_checks, errors
-from tests.conftest import tiny_config
+from tests.helpers import tiny_config
 from tests.test_datasets import write_npz
 
 REPO = pathlib.Path(__file__).resolve().parent.parent

@@ -3,7 +3,7 @@
 - the compiled chunk (lax.fori_loop over the step) equals the step loop for
   the same key, and how a run is cut into chunks changes no bit;
 - K runs vmapped in one program equal their separately trained runs;
-- bfloat16 compute trains (loss falls) and evaluates to finite metrics.
+- bfloat16 compute reaches float32's accuracy within a stated tolerance.
 """
 
 import json
@@ -12,10 +12,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lt_calib import checkpointing, parallel, population, train
+from lt_calib import checkpointing, parallel
 from lt_calib import data as data_lib
-from tests.conftest import tiny_config
-from tests.test_methods import synthetic_config, synthetic_dataset
+from lt_calib.train import population, trainer
+from lt_calib.train import setup as setup_lib
+from tests.helpers import tiny_config
+from tests.helpers import synthetic_config, synthetic_dataset
 
 
 def trees_close(a, b, rtol, atol):
@@ -33,10 +35,10 @@ def trees_equal(a, b):
 def test_compiled_epoch_equals_the_step_loop():
   dataset = synthetic_dataset()
   config = synthetic_config(mix__name="unimix", steps_per_dispatch=6)
-  setup = train.build(config, dataset, parallel.make_mesh())
+  setup = setup_lib.build_for([config], dataset, parallel.make_mesh())
   assert setup.chunk_steps == 6 and setup.step_cfg.steps_per_epoch == 11
   arrays, initial = setup.arrays, jax.tree.map(jnp.copy, setup.state)
-  permutation = setup.epoch_inputs(arrays[-1], 0)
+  permutation = setup.feed.fed(0, setup.run_keys)
   # R's permutation of epoch 0, drawn once, is the one each step used to draw.
   np.testing.assert_array_equal(
       np.asarray(permutation),
@@ -60,13 +62,13 @@ def test_a_run_in_compiled_chunks_equals_the_step_loop_bit_for_bit(tmp_path, mon
   # for every log step with the step loop's losses (to float tolerance).
   dataset = synthetic_dataset()
   monkeypatch.setattr(data_lib, "load", lambda cfg: dataset)
-  loop = train.train_and_evaluate(synthetic_config(steps_per_dispatch=1, log_every_steps=2),
-                                  str(tmp_path / "loop"))
+  trainer.train_and_evaluate(synthetic_config(steps_per_dispatch=1, log_every_steps=2),
+                             str(tmp_path / "loop"))
   chunked = synthetic_config(steps_per_dispatch=4, log_every_steps=2)
-  stopped = train.train_and_evaluate(chunked, str(tmp_path / "chunks"), stop_at_step=7)
+  stopped = trainer.train_and_evaluate(chunked, str(tmp_path / "chunks"), stop_at_step=7)
   assert stopped == {"stopped_at_step": 8, "reason": "stop_at_step"}
-  summary = train.train_and_evaluate(chunked, str(tmp_path / "chunks"))
-  uncut = train.train_and_evaluate(chunked, str(tmp_path / "uncut"))
+  summary = trainer.train_and_evaluate(chunked, str(tmp_path / "chunks"))
+  uncut = trainer.train_and_evaluate(chunked, str(tmp_path / "uncut"))
   assert summary["fingerprint"] == uncut["fingerprint"]
   records = [json.loads(l) for l in
              (tmp_path / "chunks" / "train_metrics.jsonl").read_text().splitlines()]
@@ -91,7 +93,7 @@ def test_vmapped_runs_equal_their_separate_runs(tmp_path, monkeypatch):
   configs = [synthetic_config(seed=seed, num_epochs=2, eval_every_epochs=1)
              for seed in (0, 1, 2)]
   assert population.can_share_program(configs)
-  alone = [train.train_and_evaluate(c, str(tmp_path / f"alone{c.seed}")) for c in configs]
+  alone = [trainer.train_and_evaluate(c, str(tmp_path / f"alone{c.seed}")) for c in configs]
   together = population.train_population(
       configs, [str(tmp_path / f"member{c.seed}") for c in configs], str(tmp_path / "group"))
   for k, (single, member) in enumerate(zip(alone, together)):
@@ -119,13 +121,31 @@ def test_configs_differing_in_more_than_seeds_do_not_share_a_program():
   assert population.can_share_program([tiny_config(), tiny_config(mix__alpha=0.8, seed=3)])
 
 
-def test_bfloat16_trains_and_evaluates(tmp_path, cifar10_file):
-  summary = train.train_and_evaluate(tiny_config(model__dtype="bfloat16"), str(tmp_path))
-  records = [json.loads(l) for l in (tmp_path / "train_metrics.jsonl").read_text().splitlines()]
-  assert records[-1]["loss"] < records[0]["loss"]
-  for key in ("top1", "nll", "ece", "mce", "brier"):
-    assert np.isfinite(summary["final"][key]), key
-  _, state = checkpointing.read_state_tree(tmp_path)
+def test_bfloat16_accuracy_is_within_tolerance_of_float32(tmp_path, monkeypatch):
+  # The same run (data, seed, schedule) with bfloat16 compute. bfloat16 keeps
+  # 8 bits of mantissa (relative rounding 2^-9 ~ 0.2 % per operation), so
+  # after a few hundred operations per logit the step's loss may move by a
+  # few percent, and the final top-1 on 128 test images by a few images:
+  # stated tolerance 5 points (6 images) of top-1, 0.05 nats of NLL, 5 % of
+  # the first logged loss.
+  dataset = synthetic_dataset()
+  monkeypatch.setattr(data_lib, "load", lambda cfg: dataset)
+  # Trained to convergence (the rate / 10 twice), so that what is compared is
+  # the precision, not where two noisy trajectories happen to stop.
+  settings = dict(mix__name="none", num_epochs=6, optim__warmup_epochs=0,
+                  optim__decay_epochs=(3, 5), optim__decay_factors=(0.1, 0.01))
+  f32 = trainer.train_and_evaluate(synthetic_config(**settings), str(tmp_path / "f32"))
+  bf16 = trainer.train_and_evaluate(synthetic_config(model__dtype="bfloat16", **settings),
+                                    str(tmp_path / "bf16"))
+  assert f32["final"]["top1"] > 0.9  # Converged, far from chance (0.25).
+  assert abs(bf16["final"]["top1"] - f32["final"]["top1"]) <= 0.05
+  assert abs(bf16["final"]["nll"] - f32["final"]["nll"]) <= 0.05
+  losses = {name: [json.loads(l)["loss"] for l in
+                   (tmp_path / name / "train_metrics.jsonl").read_text().splitlines()]
+            for name in ("f32", "bf16")}
+  np.testing.assert_allclose(losses["bf16"][0], losses["f32"][0], rtol=0.05)
+  assert losses["bf16"] != losses["f32"]  # The compute really was bfloat16.
+  _, state = checkpointing.read_state_tree(tmp_path / "bf16")
   # float32 parameters and BatchNorm statistics; bfloat16 only in the compute.
   for leaf in jax.tree.leaves((state["params"], state["batch_stats"])):
     assert np.asarray(leaf).dtype == np.float32

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from lt_calib.data import sources
-from tests.conftest import tiny_config
+from tests.helpers import tiny_config
 
 
 def write_npz(path, train_labels, test_labels, size=32):

@@ -10,10 +10,12 @@ import ml_collections
 import numpy as np
 import pytest
 
-from lt_calib import evaluate, train
+from lt_calib import evaluate
+from lt_calib.train import trainer
 from lt_calib.calibration import posthoc, report
 from lt_calib.data import long_tail, sources
-from tests.conftest import REPO, tiny_config
+from tests.conftest import REPO
+from tests.helpers import tiny_config
 
 
 def test_validation_indices_avoid_training_set_and_record_shortfall():
@@ -86,7 +88,7 @@ def test_label_shift_rows_and_table():
 def tiny_run(tmp_path_factory, cifar10_file):
   del cifar10_file
   workdir = tmp_path_factory.mktemp("tiny_run")
-  summary = train.train_and_evaluate(tiny_config(), str(workdir))
+  summary = trainer.train_and_evaluate(tiny_config(), str(workdir))
   return workdir, summary
 
 

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from configs.grids import fidelity, table4
-from lt_calib import config_checks, errors, grid, reporting, run_record
+from lt_calib import config_checks, errors, reporting, run_identity
+from lt_calib.experiments import grid, presets, tables
 
 
 def fake_final(top1, few=None):
@@ -31,7 +32,7 @@ def test_aggregate_means_stds_and_deltas():
             ("remix", "ce"): [fake_final(0.75), fake_final(0.79)],
             ("none", "bayias"): [fake_final(0.78)],
             ("remix", "bayias"): [fake_final(0.80, few=0.3), fake_final(0.84, few=None)]}
-  rows = {(r["mix"], r["loss"]): r for r in grid.aggregate(small_grid(), finals)}
+  rows = {(r["mix"], r["loss"]): r for r in tables.aggregate(small_grid(), finals)}
   assert list(rows) == [("none", "ce"), ("remix", "ce"), ("none", "bayias"),
                         ("remix", "bayias")]  # Grouped by loss, as Table 4.
   r = rows[("remix", "ce")]
@@ -50,15 +51,15 @@ def test_aggregate_means_stds_and_deltas():
   assert rows[("none", "ce")]["delta_baseline"] is None
   assert rows[("none", "ce")]["few_acc_mean"] is None
 
-  markdown = grid.table_markdown(small_grid(), grid.aggregate(small_grid(), finals))
+  markdown = tables.table_markdown(small_grid(), tables.aggregate(small_grid(), finals))
   assert "| remix | ce | 77.00 ± 2.83 | +6.00 | +6.00 | 87.00 ± 2.83 |" in markdown
   assert "| none | bayias | 78.00 | - | +7.00 |" in markdown
-  table = list(csv.DictReader(io.StringIO(grid.table_csv(list(rows.values())))))
+  table = list(csv.DictReader(io.StringIO(tables.table_csv(list(rows.values())))))
   assert table[1]["top1_mean"] == "77" and table[0]["few_acc_mean"] == ""
 
 
 def fake_train(calls):
-  """Stands in for train.train_and_evaluate: writes what a finished run writes."""
+  """Stands in for trainer.train_and_evaluate: writes what a finished run writes."""
   def train_fn(config, workdir):
     workdir = pathlib.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -76,7 +77,7 @@ def test_finished_cells_are_skipped_and_changed_configs_refused(tmp_path):
   calls = []
   config = small_grid()
   grid.run_grid(config, tmp_path, fake_train(calls))
-  assert sorted(calls) == sorted(c.name for c in grid.grid_cells(config)) and len(calls) == 8
+  assert sorted(calls) == sorted(c.name for c in presets.grid_cells(config)) and len(calls) == 8
   assert (tmp_path / "table.md").exists() and (tmp_path / "table.csv").exists()
   # A cell killed before it finished (config.json, no summary) runs again.
   (tmp_path / "remix__bayias__seed1" / "summary.json").unlink()
@@ -97,18 +98,18 @@ def test_finished_cells_are_skipped_and_changed_configs_refused(tmp_path):
 def test_cells_apply_presets_and_every_variant_is_valid():
   for arg in ("", "smoke", "cpu", "cpu,dataset=cifar100,rho=50"):
     config = table4.get_config(arg)
-    for cell in grid.grid_cells(config):
-      config_checks.check_config(grid.cell_config(config, cell))
+    for cell in presets.grid_cells(config):
+      config_checks.check_config(presets.cell_config(config, cell))
   config = table4.get_config("cpu,rho=50")
   assert config.base.dataset.imbalance_ratio == 50
   assert (len(config.mixes), len(config.losses), len(config.seeds)) == (2, 2, 2)
   full = table4.get_config()
-  ldam = grid.cell_config(full, grid.Cell("remix", "ldam_drw", 2))
+  ldam = presets.cell_config(full, presets.Cell("remix", "ldam_drw", 2))
   assert (ldam.mix.name, ldam.loss.name, ldam.loss.schedule, ldam.model.head, ldam.seed,
           ldam.loss.drw_epoch) == ("remix", "ldam", "drw", "normalized", 2, 160)
   assert full.base.loss.schedule == "none"  # The base is left as it was.
   with pytest.raises(ValueError, match="unknown names"):
-    grid.grid_cells(small_grid(losses=("ce", "hinge")))
+    presets.grid_cells(small_grid(losses=("ce", "hinge")))
   with pytest.raises(ValueError, match="not understood"):
     table4.get_config("fast")
 
@@ -121,9 +122,13 @@ def test_smoke_grid_end_to_end(tmp_path, cifar10_file):
       "none", "ldam_drw")
   rows = grid.run_grid(config, tmp_path)
   assert [(r["mix"], r["seeds"]) for r in rows] == [("none", 1), ("remix", 1)]
-  for row in rows:
-    for key in ("top1", "many_acc", "medium_acc", "ece", "nll"):
-      assert np.isfinite(row[f"{key}_mean"]), (row["mix"], key)
+  for row in rows:  # One seed: each mean is that cell's own final figure.
+    cell = json.loads((tmp_path / f"{row['mix']}__ldam_drw__seed0" / "summary.json")
+                      .read_text())["final"]
+    for key, unit in (("top1", 100), ("many_acc", 100), ("medium_acc", 100), ("ece", 100),
+                      ("nll", 1)):  # Accuracies and ECE in %, NLL in nats.
+      assert row[f"{key}_mean"] == pytest.approx(unit * cell[key]), (row["mix"], key)
+      assert row[f"{key}_std"] is None  # No spread from one seed.
     assert row["few_acc_mean"] is None  # rho = 100 leaves no class under 20 images.
   assert rows[1]["delta_same_loss"] == pytest.approx(rows[1]["top1_mean"] - rows[0]["top1_mean"])
   markdown = (tmp_path / "table.md").read_text()
@@ -158,7 +163,8 @@ def official_lr(epoch):
 
 def test_official_variant_is_the_code_recipe():
   from configs import cifar100_lt, cifar10_lt
-  from lt_calib import mixing, steps
+  from lt_calib.train import state as state_lib
+  from lt_calib.method import mixing
   config = cifar10_lt.get_config("official")
   config_checks.check_config(config)
   # cifar10_100.py: unimix_alp 0.8, unimix_tau -0.5 (member weight n^tau, so
@@ -170,7 +176,7 @@ def test_official_variant_is_the_code_recipe():
   assert (config.optim.learning_rate, config.optim.momentum, config.optim.weight_decay,
           config.optim.nesterov) == (0.1, 0.9, 2e-4, False)
   steps_per_epoch = 12406 // 64
-  _, schedule = steps.make_optimizer(config, steps_per_epoch)
+  _, schedule = state_lib.make_optimizer(config, steps_per_epoch)
   for epoch in (0, 1, 2, 3, 4, 5, 100, 159, 160, 179, 180, 199):
     for step in (epoch * steps_per_epoch, (epoch + 1) * steps_per_epoch - 1):
       assert float(schedule(step)) == pytest.approx(official_lr(epoch), rel=1e-5), (epoch, step)
@@ -194,13 +200,13 @@ def test_official_variant_is_the_code_recipe():
 
 
 def flat(config):
-  return run_record.flatten(json.loads(config.to_json_best_effort()))
+  return run_identity.flatten(json.loads(config.to_json_best_effort()))
 
 
 def test_fidelity_decomposition_changes_one_factor_per_row():
-  from lt_calib import mixing
+  from lt_calib.method import mixing
   config = fidelity.get_config("decomposition")
-  cells = {(c.mix, c.loss): grid.cell_config(config, c) for c in grid.grid_cells(config)
+  cells = {(c.mix, c.loss): presets.cell_config(config, c) for c in presets.grid_cells(config)
            if c.seed == 0}
   for cell_config in cells.values():
     config_checks.check_config(cell_config)
@@ -251,23 +257,26 @@ def test_fidelity_cpu_budget_and_other_parts():
                                                                                      128)
   assert (base.optim.warmup_epochs, tuple(base.optim.decay_epochs)) == (1, (8, 9))
   assert base.dataset.test_subset == 0 and tuple(config.seeds) == (0, 1, 2)
-  stops = {c.mix: grid.cell_config(config, c).mix.stop_epoch
-           for c in grid.grid_cells(config) if c.loss == "bayias" and c.mix != "none"}
+  stops = {c.mix: presets.cell_config(config, c).mix.stop_epoch
+           for c in presets.grid_cells(config) if c.loss == "bayias" and c.mix != "none"}
   assert stops["paper_text"] == 6 and stops["stop_never"] == stops["official"] == 10
-  official = grid.cell_config(config, grid.Cell("official", "bayias", 0))
+  official = presets.cell_config(config, presets.Cell("official", "bayias", 0))
   assert (official.optim.warmup_epochs, tuple(official.optim.decay_epochs),
           official.batch_size) == (1, (8, 9), 64)  # The budget's schedule, the code's batch.
   data = fidelity.get_config("data_effect")
-  cell = grid.cell_config(data, grid.grid_cells(data)[0])
+  cell = presets.cell_config(data, presets.grid_cells(data)[0])
   assert (cell.dataset.imbalance_ratio, cell.model.depth, cell.mix.name, cell.loss.name,
-          cell.num_epochs) == (1.0, 32, "none", "ce", 200)
+          cell.num_epochs) == (1.0, 32, "none", "ce", 164)
+  # He et al. 2016: 64k iterations of 128 (390 an epoch), lr / 10 at 32k and 48k.
+  assert cell.num_epochs * 390 == 63960 and cell.optim.weight_decay == 1e-4
+  assert [round(e * 390) for e in cell.optim.decay_epochs] == [32000, 48000]
   rho = fidelity.get_config("rho_rows,cpu,rho=50,seeds=2")
-  assert [(c.mix, c.loss, c.seed) for c in grid.grid_cells(rho)] == [
+  assert [(c.mix, c.loss, c.seed) for c in presets.grid_cells(rho)] == [
       ("none", "ce", 0), ("none", "ce", 1), ("official", "bayias", 0),
       ("official", "bayias", 1)]
-  assert grid.cell_config(rho, grid.Cell("none", "ce", 0)).dataset.imbalance_ratio == 50
+  assert presets.cell_config(rho, presets.Cell("none", "ce", 0)).dataset.imbalance_ratio == 50
   other = fidelity.get_config("rho_rows,recipe=in_batch,smoke")
-  assert grid.grid_pairs(other) == [("none", "ce"), ("in_batch", "bayias")]
+  assert presets.grid_pairs(other) == [("none", "ce"), ("in_batch", "bayias")]
   assert fidelity.get_config("data_effect,report").train is False
   for arg in ("decomposition,fast", "cpu", "rho_rows,recipe=mixup"):
     with pytest.raises(errors.ConfigError):
@@ -303,7 +312,7 @@ def preset_grid():
 
 def test_grid_presets_pairs_and_csv(tmp_path):
   config = preset_grid()
-  cell = grid.cell_config(config, grid.Cell("tau_counts", "bayias", 1))
+  cell = presets.cell_config(config, presets.Cell("tau_counts", "bayias", 1))
   assert (cell.mix.name, cell.mix.tau_units, cell.loss.name, cell.seed) == (
       "unimix", "counts", "bayias", 1)
   calls = []
@@ -330,16 +339,16 @@ def test_grid_preset_and_pair_errors():
   config = preset_grid()
   config.mix_presets = {"tau_counts": (("mix.tau_unit", "counts"),)}
   with pytest.raises(errors.ConfigError, match="'mix.tau_unit', which grid.base"):
-    grid.grid_cells(config)
+    presets.grid_cells(config)
   config.mix_presets = {"unimix": (("mix.alpha", 0.8),)}
   config.mixes = ("none", "unimix")
   config.pairs = (("none", "ce"),)
   with pytest.raises(errors.ConfigError, match="shadows the built-in"):
-    grid.grid_cells(config)
+    presets.grid_cells(config)
   config = preset_grid()
   config.pairs = (("none", "ce"), ("tau_counts", "ldam"))
   with pytest.raises(errors.ConfigError, match=r"grid.pairs has \[\('tau_counts', 'ldam'\)\]"):
-    grid.grid_cells(config)
+    presets.grid_cells(config)
 
 
 def test_locked_cells_are_left_to_their_process_and_report_trains_nothing(tmp_path):

@@ -111,9 +111,9 @@ def config(**fields):
 
 
 def test_missing_train_list_names_file_folder_and_source(tmp_path):
-  from lt_calib.data import pipeline  # pylint: disable=g-import-not-at-top
+  from lt_calib.data import streaming  # pylint: disable=g-import-not-at-top
   with pytest.raises(MissingDataError) as error:
-    pipeline.load_streaming_dataset(config(split_dir=str(tmp_path), image_root=str(tmp_path)))
+    streaming.load_streaming_dataset(config(split_dir=str(tmp_path), image_root=str(tmp_path)))
   message = str(error.value)
   assert "ImageNet_LT_train.txt" in message and str(tmp_path) in message
   assert "facebookresearch/classifier-balancing" in message
@@ -235,9 +235,9 @@ def test_missing_gs_list_names_the_gs_path(tmp_path, gcs):
   (tmp_path / "readme.txt").write_text("no lists here\n")
   split_dir = upload(gcs, tmp_path, "lists")
   cfg = config(split_dir=split_dir, image_root=split_dir)
-  from lt_calib.data import pipeline  # pylint: disable=g-import-not-at-top
+  from lt_calib.data import streaming  # pylint: disable=g-import-not-at-top
   with pytest.raises(MissingDataError) as error:
-    pipeline.load_streaming_dataset(cfg)
+    streaming.load_streaming_dataset(cfg)
   message = str(error.value)
   assert (f"list file ImageNet_LT_train.txt not found in {split_dir} "
           "(dataset.split_dir)") in message

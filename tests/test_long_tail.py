@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from lt_calib.data import long_tail, sources
+from lt_calib.data import long_tail, offline
 
 
 def reference_counts(n_max, num_classes, rho):
@@ -48,7 +48,7 @@ def test_selected_indices_equal_the_global_seed_rule():
 
 
 def test_selected_cifar10_images_are_the_standard_ones(cifar10_file):
-  archive = sources.read_npz(cifar10_file)
+  archive = offline.read_npz(cifar10_file)
   labels = archive["train_labels"]
   assert labels[:10].tolist() == [6, 9, 9, 4, 1, 1, 2, 7, 8, 3]  # Original order.
   counts = long_tail.long_tail_counts(5000, 10, 100)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from scipy.special import log_softmax
 
-from lt_calib import losses
+from lt_calib.method import losses
 from lt_calib.data import long_tail
 
 

@@ -11,10 +11,16 @@ from scipy.special import log_softmax
 
 import optax
 
-from lt_calib import config_checks, losses, mixing, models, parallel, steps, train
-from lt_calib.data import long_tail, sources
+from lt_calib import config_checks, models, parallel
+from lt_calib.data import batches
+from lt_calib.train import setup as setup_lib
+from lt_calib.train import state as state_lib
+from lt_calib.train import step as step_lib
+
+from lt_calib.method import losses, mixing
+from lt_calib.data import long_tail
 from lt_calib.models import heads
-from tests.conftest import tiny_config
+from tests.helpers import COUNTS, synthetic_config, synthetic_dataset, tiny_config
 
 
 def nll_rows(logits, labels):
@@ -95,7 +101,7 @@ def test_manifold_mixup_mixes_the_chosen_layer_only():
   model = tiny_resnet()
   x = jnp.asarray(np.random.RandomState(1).randn(4, 8, 8, 3), jnp.float32)
   # The training code's initialiser (its compiled form is shared with the runs below).
-  variables = steps.create_train_state(jax.random.key(0), model, (8, 8, 3), optax_sgd())
+  variables = state_lib.create_train_state(jax.random.key(0), model, (8, 8, 3), optax_sgd())
   variables = {"params": variables.params, "batch_stats": variables.batch_stats}
   partner = jnp.array([1, 2, 3, 0])
   apply_plain = jax.jit(lambda images: model.apply(variables, images, train=False))
@@ -222,42 +228,15 @@ def test_normalized_head_gives_scaled_cosines():
 
 # --- Samplers and config ---------------------------------------------------------
 
-COUNTS = (192, 96, 48, 24)
-
-
-def synthetic_dataset(counts=COUNTS, size=8, test_per_class=32, seed=0):
-  """Long-tailed, separable: class c is a colour plus noise."""
-  rng = np.random.RandomState(seed)
-  colours = np.array([[220, 40, 40], [40, 220, 40], [40, 40, 220], [220, 220, 40]])
-
-  def draw(labels):
-    noise = rng.randint(-40, 41, size=(len(labels), size, size, 3))
-    return np.clip(colours[labels][:, None, None, :] + noise, 0, 255).astype(np.uint8)
-
-  train_labels = np.repeat(np.arange(4), counts).astype(np.int32)
-  test_labels = np.repeat(np.arange(4), test_per_class).astype(np.int32)
-  info = sources.DatasetInfo(4, size, max(counts), None, None, sources.CIFAR_MEAN,
-                              sources.CIFAR_STD)
-  return sources.Dataset(draw(train_labels), train_labels, draw(test_labels), test_labels,
-                          info, long_tail.class_prior(train_labels, 4), "synthetic")
-
-
-def synthetic_config(**overrides):
-  settings = dict(batch_size=32, num_epochs=3, dataset__crop_padding=1,
-                  mix__stop_epoch=2, loss__drw_epoch=1)
-  settings.update(overrides)
-  return tiny_config(**settings)
-
-
 @pytest.mark.parametrize("sampler,tau", [("class_balanced", 0.0), ("square_root", 0.5)])
 def test_resamplers_follow_pi_to_the_tau(sampler, tau):
   dataset = synthetic_dataset()
-  cfg = steps.make_step_config(synthetic_config(sampler__name=sampler, mix__name="none"),
+  cfg = step_lib.make_step_config(synthetic_config(sampler__name=sampler, mix__name="none"),
                                dataset)
   labels = jnp.asarray(dataset.train_labels)
 
   def batch_labels(key):
-    return steps.prepare_batch(jnp.asarray(dataset.train_images), labels, jnp.int32(0),
+    return batches.prepare_batch(jnp.asarray(dataset.train_images), labels, jnp.int32(0),
                                key, jnp.arange(len(labels)), cfg)["label"]
 
   drawn = np.asarray(jax.jit(jax.vmap(batch_labels))(jax.random.split(jax.random.key(3), 100)))
@@ -268,18 +247,18 @@ def test_resamplers_follow_pi_to_the_tau(sampler, tau):
 
 def test_in_batch_pairing_keeps_random_partners_random():
   dataset = synthetic_dataset()
-  make = lambda name: steps.make_step_config(
+  make = lambda name: step_lib.make_step_config(
       synthetic_config(mix__name=name, mix__pairing="in_batch", mix__tau=-0.5), dataset)
-  assert make("mixup").in_batch_tau == 0.0   # Uniform over the batch, like R.
-  assert make("remix").in_batch_tau == 0.0
+  assert make("mixup").in_batch_exponent == 0.0   # Uniform over the batch, like R.
+  assert make("remix").in_batch_exponent == 0.0
   # tau = -0.5 in the paper's units: partner class ∝ pi^-0.5 = n^-1.5 n.
-  assert make("unimix").in_batch_tau == -1.5
-  assert make("unimix_sampler").in_batch_tau == -1.5
-  counts = lambda name: steps.make_step_config(synthetic_config(
+  assert make("unimix").in_batch_exponent == -1.5
+  assert make("unimix_sampler").in_batch_exponent == -1.5
+  counts = lambda name: step_lib.make_step_config(synthetic_config(
       mix__name=name, mix__pairing="in_batch", mix__tau=-0.5, mix__tau_units="counts"),
       dataset)
-  assert counts("unimix").in_batch_tau == -0.5  # The official code's n^tau.
-  assert counts("mixup").in_batch_tau == 0.0
+  assert counts("unimix").in_batch_exponent == -0.5  # The official code's n^tau.
+  assert counts("mixup").in_batch_exponent == 0.0
 
 
 @pytest.mark.parametrize("tau,units,exponent", [
@@ -287,7 +266,7 @@ def test_in_batch_pairing_keeps_random_partners_random():
 def test_tau_units_set_the_partner_class_law(tau, units, exponent):
   """R*'s class probabilities are pi^exponent, normalised (checked by hand)."""
   dataset = synthetic_dataset()
-  cfg = steps.make_step_config(
+  cfg = step_lib.make_step_config(
       synthetic_config(mix__name="unimix", mix__tau=tau, mix__tau_units=units), dataset)
   expected = np.power(COUNTS, exponent) / np.sum(np.power(COUNTS, exponent))
   np.testing.assert_allclose(np.exp(np.asarray(cfg.log_class_probs)), expected, rtol=1e-5)
@@ -336,10 +315,10 @@ def separable():
 def test_method_trains_on_a_separable_set(name, separable):
   config = synthetic_config(**SMOKE_RUNS[name])
   config_checks.check_config(config)
-  setup = train.build(config, separable, parallel.make_mesh())
+  setup = setup_lib.build_for([config], separable, parallel.make_mesh())
   state, losses_seen = setup.state, []
   for step in range(config.num_epochs * setup.step_cfg.steps_per_epoch):
-    fed = setup.epoch_inputs(setup.arrays[-1], step // setup.step_cfg.steps_per_epoch)
+    fed = setup.feed.fed(step, setup.run_keys)
     state, step_stats = setup.update(state, fed, *setup.arrays)
     losses_seen.append(float(step_stats["loss"]))
   assert np.all(np.isfinite(losses_seen))

@@ -17,6 +17,7 @@ import scipy.special
 import sklearn.metrics
 
 from lt_calib.calibration import metrics
+from lt_calib.calibration import summary as summary_lib
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -257,7 +258,7 @@ def test_softmax_nll_topk_match_scipy_and_sort():
 
 def test_summarize_is_json_ready_with_none_for_nan():
   logits, labels = random_problem(5, n=200, num_classes=4)
-  out = metrics.summarize(logits, labels, train_counts=[500, 300, 200, 150])
+  out = summary_lib.summarize(logits, labels, train_counts=[500, 300, 200, 150])
   json.dumps(out, allow_nan=False)
   assert out["medium_acc"] is None and out["few_acc"] is None
   assert out["top1"] == pytest.approx(
@@ -269,7 +270,7 @@ def test_summarize_is_json_ready_with_none_for_nan():
 
 
 def _reference_summary(logits, labels, train_counts):
-  full = metrics.summarize(logits, labels, train_counts)
+  full = summary_lib.summarize(logits, labels, train_counts)
   del full["ace"], full["tace"]  # Not sum-decomposable.
   return full
 
@@ -290,7 +291,7 @@ TRAIN_COUNTS = [500, 300, 150, 101, 100, 60, 20, 19, 10, 5, 2, 1]
 def test_batch_statistics_sum_matches_summarize():
   logits, labels = random_problem(6, n=1003, num_classes=12)
   logits = logits.astype(np.float32)
-  stats_fn = jax.jit(metrics.batch_statistics,
+  stats_fn = jax.jit(summary_lib.batch_statistics,
                      static_argnames=("num_classes", "num_bins"))
   total, batch = None, 256
   for start in range(0, len(labels), batch):
@@ -304,14 +305,14 @@ def test_batch_statistics_sum_matches_summarize():
                          stats_fn(z, y, num_classes=12, mask=mask))
     total = stats if total is None else jax.tree.map(np.add, total, stats)
   assert total["count"] == len(labels)
-  _assert_same_metrics(metrics.metrics_from_statistics(total, TRAIN_COUNTS),
+  _assert_same_metrics(summary_lib.metrics_from_statistics(total, TRAIN_COUNTS),
                        _reference_summary(logits, labels, TRAIN_COUNTS))
 
 
 DEVICE_SCRIPT = """
 import json
 import jax, jax.numpy as jnp, numpy as np
-from lt_calib.calibration import metrics
+from lt_calib.calibration import summary as summary_lib
 assert len(jax.devices()) == 8, jax.devices()
 rng = np.random.default_rng(7)
 n, c, padded = 797, 12, 800
@@ -324,9 +325,9 @@ mesh = jax.make_mesh((8,), ("data",))
 shard = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
 args = [jax.device_put(x, shard) for x in (logits, labels, mask)]
 assert len(args[0].sharding.device_set) == 8
-stats = jax.jit(lambda z, y, m: metrics.batch_statistics(z, y, c, mask=m))(
+stats = jax.jit(lambda z, y, m: summary_lib.batch_statistics(z, y, c, mask=m))(
     *args)
-print(json.dumps({"metrics": metrics.metrics_from_statistics(
+print(json.dumps({"metrics": summary_lib.metrics_from_statistics(
     stats, json.loads(%r)), "logits": logits[:n].tolist(),
     "labels": labels[:n].tolist()}))
 """

@@ -5,8 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 from scipy import stats
 
-from lt_calib import mixing
-from lt_calib.data import sampling
+from lt_calib.method import mixing
+from lt_calib.method import sampling
 
 
 def test_unimix_factor_follows_shifted_beta_eq6():

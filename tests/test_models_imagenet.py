@@ -11,7 +11,9 @@ import ml_collections
 import numpy as np
 import pytest
 
-from lt_calib import errors, mixing, models
+from lt_calib import errors, models
+
+from lt_calib.method import mixing
 from lt_calib.models import resnet_imagenet
 
 

@@ -1,9 +1,10 @@
 """Several processes on localhost, as the hosts of a TPU slice: preemption, device order.
 
-Each run is `python -m lt_calib.main` (or tests/drivers/train_on_mesh.py,
-which picks the mesh's device order) in 2 processes of 2 CPU devices each,
-joined by JAX's distributed runtime, on the tiny CIFAR-10-LT config of
-test_cli_runs.py: 12 steps of 1,024 images an epoch, 200 test images.
+Each run is tests/drivers/train_on_mesh.py (`python -m lt_calib.main` that
+picks the mesh's device order) in 2 processes of 2 CPU devices each, joined
+by JAX's distributed runtime. In memory it trains on tests/helpers.py's
+synthetic dataset (11 steps of 32 images an epoch, 3 epochs, compiled chunks
+of 4 steps); streamed, on a generated 12-class image list.
 """
 
 import json
@@ -24,10 +25,13 @@ from tests.test_cli_runs import TINY, environment
 
 pytestmark = pytest.mark.slow
 
-# Compiled chunks of 4 steps, a log line every 4 steps, 3 epochs of 12: the
-# host looks in at each epoch's end (steps 12, 24, 36), and SIGTERM lands
+# Compiled chunks of 4 steps, a log line every 4 steps, 3 epochs of 11: the
+# host looks in at each epoch's end (steps 11, 22, 33), and SIGTERM lands
 # while the devices run a stretch.
-PREEMPTIBLE = [*TINY, "--config.steps_per_dispatch=4", "--config.num_epochs=3"]
+PREEMPTIBLE = [*TINY, "--config.batch_size=32", "--config.num_epochs=3",
+               "--config.dataset.crop_padding=1", "--config.mix.stop_epoch=2",
+               "--config.steps_per_dispatch=4", "--synthetic"]
+EPOCH, TOTAL = 11, 33
 
 
 def free_port() -> int:
@@ -36,7 +40,8 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
-def start(workdir, *flags, module="lt_calib.main", devices=2, processes=2, config=None):
+def start(workdir, *flags, module="tests.drivers.train_on_mesh", devices=2, processes=2,
+          config=None):
   """Starts the processes of one run; returns them, their output in files.
 
   Files, not pipes: a process whose pipe nobody drains blocks once it is
@@ -92,7 +97,7 @@ def uninterrupted(tmp_path_factory, cifar10_file):
   """The 2-process run the preempted runs must reproduce bit for bit."""
   del cifar10_file
   workdir = tmp_path_factory.mktemp("uninterrupted")
-  run_to_end(workdir)
+  run_to_end(workdir, "--mesh_order=contiguous")
   return {**json.loads((workdir / "summary.json").read_text()), "workdir": str(workdir)}
 
 
@@ -101,7 +106,7 @@ def test_sigterm_to_one_host_stops_both_at_one_step_and_resume_is_bit_identical(
     where, tmp_path, uninterrupted, request):
   workdir = (request.getfixturevalue("gcs").folder("preempted") if where == "gcs"
              else tmp_path / "preempted")
-  processes = start(workdir)
+  processes = start(workdir, "--mesh_order=contiguous")
   deadline = time.time() + 300
   while not any(r["step"] >= 4 for r in records(f"{workdir}/train_metrics.jsonl")):
     assert all(p.poll() is None for p, _ in processes) and time.time() < deadline, \
@@ -112,19 +117,19 @@ def test_sigterm_to_one_host_stops_both_at_one_step_and_resume_is_bit_identical(
   assert codes == [143, 143], [o[-3000:] for o in outputs]
   stopped = next(l for l in outputs[0].splitlines() if l.startswith("stopped at step"))
   step = int(stopped.split()[3])
-  assert 12 <= step < 36 and step % 12 == 0 and "(preempted)" in stopped
+  assert EPOCH <= step < TOTAL and step % EPOCH == 0 and "(preempted)" in stopped
   assert checkpointing.read_state_tree(workdir)[0] == step  # Both hosts saved it.
-  resumed = run_to_end(workdir)
+  resumed = run_to_end(workdir, "--mesh_order=contiguous")
   assert f"resuming at step {step}" in resumed[0]
   summary = json.loads(read(f"{workdir}/summary.json"))
   assert summary["fingerprint"] == uninterrupted["fingerprint"]
   assert summary["environment"]["process_count"] == 2
   # One line per log interval and evaluation: appended, never duplicated.
-  assert [r["step"] for r in records(f"{workdir}/train_metrics.jsonl")] == list(
-      range(4, 37, 4))
-  assert [r["step"] for r in records(f"{workdir}/metrics.jsonl")] == [12, 24, 36]
+  assert [r["step"] for r in records(f"{workdir}/train_metrics.jsonl")] == sorted(
+      set(range(4, TOTAL + 1, 4)) | {EPOCH, 2 * EPOCH, TOTAL})
+  assert [r["step"] for r in records(f"{workdir}/metrics.jsonl")] == [EPOCH, 2 * EPOCH, TOTAL]
   if where == "gcs":
-    assert read(f"{workdir}/report.md").startswith("# cifar10")
+    assert read(f"{workdir}/report.md").startswith("# cifar10")  # The report on gs://.
 
 
 def first_loss(workdir) -> float:
@@ -136,8 +141,7 @@ def first_loss(workdir) -> float:
 def test_interleaved_mesh_trains_and_evaluates_as_the_contiguous_one(tmp_path, uninterrupted):
   # p0d0, p1d0, p0d1, p1d1: each process holds rows 0-255 and 512-767 of a
   # batch of 1,024, as on a TPU slice whose mesh follows the torus.
-  outputs = run_to_end(tmp_path, "--mesh_order=interleaved",
-                       module="tests.drivers.train_on_mesh")
+  outputs = run_to_end(tmp_path, "--mesh_order=interleaved")
   summary = json.loads(read(tmp_path / "summary.json"))
   # Only process 0 talks and writes; process 1 trains silently (but for the
   # lines Gloo, JAX's CPU collectives library, prints when ranks connect).
@@ -147,7 +151,7 @@ def test_interleaved_mesh_trains_and_evaluates_as_the_contiguous_one(tmp_path, u
   assert summary["environment"]["device_count"] == 4
   np.testing.assert_allclose(first_loss(tmp_path),
                              records_of(uninterrupted)[0]["loss"], rtol=1e-5)
-  assert summary["num_test_images"] == 200 == uninterrupted["num_test_images"]
+  assert summary["num_test_images"] == 128 == uninterrupted["num_test_images"]
   assert abs(summary["final"]["top1"] - uninterrupted["final"]["top1"]) <= 0.01
 
 
@@ -185,10 +189,10 @@ def test_streamed_run_from_cloud_storage_on_an_interleaved_mesh(tmp_path, fake_l
   data = gcs.folder("imagenet_lt")
   fsspec.filesystem("gs").put(f"{fake_lists}/", f"{data}/", recursive=True)
   reference = tmp_path / "contiguous"
-  run_to_end(reference, config=streamed_flags(fake_lists), devices=4, processes=1)
+  run_to_end(reference, config=streamed_flags(fake_lists), module="lt_calib.main",
+             devices=4, processes=1)
   workdir = gcs.folder("streamed")
-  run_to_end(workdir, "--mesh_order=interleaved", module="tests.drivers.train_on_mesh",
-             config=streamed_flags(data))
+  run_to_end(workdir, "--mesh_order=interleaved", config=streamed_flags(data))
   summary = json.loads(read(f"{workdir}/summary.json"))
   test_lines = (fake_lists / "ImageNet_LT_test.txt").read_text().splitlines()
   assert summary["num_test_images"] == len(test_lines) == CLASSES * 5

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import tarfile
 
+import jax
 import ml_collections
 import numpy as np
 from PIL import Image
@@ -19,8 +20,9 @@ import pytest
 from scipy import stats
 
 from lt_calib import parallel
-from lt_calib.data import fake, lists, pipeline, sampling
+from lt_calib.data import fake, index_sequence, lists, streaming
 from lt_calib.errors import ConfigError, DataError, MissingDataError
+from lt_calib.method import sampling
 from tests.test_lists import upload
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
@@ -52,7 +54,7 @@ def fake_root(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def dataset(fake_root):
-  return pipeline.load_streaming_dataset(
+  return streaming.load_streaming_dataset(
       config(fake_root, name="image_list", num_classes=12,
              train_list="ImageNet_LT_train.txt", test_list="ImageNet_LT_test.txt",
              val_list="ImageNet_LT_val.txt"))
@@ -66,73 +68,71 @@ def take(iterator, n):
 # The index sequence.
 # ---------------------------------------------------------------------------
 
-def test_epoch_permutation_covers_every_image_once():
-  epoch0 = np.concatenate([pipeline.epoch_batch_indices(3, s, 120, 12) for s in range(10)])
-  epoch1 = np.concatenate([pipeline.epoch_batch_indices(3, s, 120, 12) for s in range(10, 20)])
-  assert np.array_equal(np.sort(epoch0), np.arange(120))
-  assert np.array_equal(np.sort(epoch1), np.arange(120))
-  assert not np.array_equal(epoch0, epoch1)  # A fresh permutation each epoch.
-  # N = 125, B = 12: 10 steps an epoch, 120 distinct rows, 5 left out.
-  partial = np.concatenate([pipeline.epoch_batch_indices(0, s, 125, 12) for s in range(10)])
-  assert len(np.unique(partial)) == 120 and partial.max() < 125
-
-
 def labels_with_counts(counts):
   return np.repeat(np.arange(len(counts)), counts)
 
 
+NO_CLASS_LAWS = index_sequence.Laws(None, None)
+UNIFORM_PARTNERS = index_sequence.Laws(None, np.log(np.full(12, 1 / 12)))
+
+
+def r_rows(seed, step, num_examples, batch):
+  """R's rows of a step, from the documented law: the data key is
+  split(key(seed), 3)[1]; epoch e's order is permutation(fold_in(it, e), N)."""
+  epoch, position = divmod(step, num_examples // batch)
+  data_key = jax.random.split(jax.random.key(seed), 3)[1]
+  order = np.asarray(jax.random.permutation(jax.random.fold_in(data_key, epoch), num_examples))
+  return order[position * batch:(position + 1) * batch]
+
+
+def test_streamed_rows_follow_r_as_the_in_memory_step_does():
+  sequence = index_sequence.IndexSequence(3, np.zeros(120, np.int32), 1, 12, NO_CLASS_LAWS)
+  rows = [sequence(s)["main"] for s in range(20)]
+  for step in (0, 7, 13):
+    np.testing.assert_array_equal(rows[step], r_rows(3, step, 120, 12))
+  for epoch in (0, 1):
+    assert sorted(np.concatenate(rows[10 * epoch:10 * epoch + 10]).tolist()) == list(range(120))
+  assert not np.array_equal(np.concatenate(rows[:10]), np.concatenate(rows[10:]))
+  # N = 125, B = 12: 10 steps an epoch, 120 distinct rows, 5 left out.
+  partial = index_sequence.IndexSequence(0, np.zeros(125, np.int32), 1, 12, NO_CLASS_LAWS)
+  taken = np.concatenate([partial(s)["main"] for s in range(10)])
+  assert len(np.unique(taken)) == 120 and taken.max() < 125
+
+
 def test_index_sequence_resumes_exactly():
   labels = labels_with_counts([40, 20, 10, 5, 4, 1])
-  members = pipeline.class_members(labels, 6)
   prior = np.bincount(labels) / len(labels)
   for main in (None, sampling.class_level_log_probs(prior, 0.5)):
-    kwargs = dict(num_examples=80, global_batch=16, members=members,
-                  main_log_class_probs=main,
-                  partner_log_class_probs=sampling.class_level_log_probs(prior, -1.0))
-    straight = [pipeline.global_batch_indices(7, s, **kwargs) for s in range(30)]
-    pipeline._epoch_permutation.cache_clear()  # A fresh process resuming at step 17.
-    resumed = [pipeline.global_batch_indices(7, s, **kwargs) for s in range(17, 30)]
-    for a, b in zip(straight[17:], resumed):
-      assert a.keys() == b.keys() == {"main", "partner"}
-      assert all(np.array_equal(a[k], b[k]) for k in a)
-    seeds = [pipeline.augmentation_seeds(7, s, pipeline.MAIN, 16) for s in (17, 18)]
+    laws = index_sequence.Laws(main, sampling.class_level_log_probs(prior, -1.0))
+    straight = index_sequence.IndexSequence(7, labels, 6, 16, laws)
+    first = [straight(s) for s in range(30)]
+    resumed = index_sequence.IndexSequence(7, labels, 6, 16, laws)  # A fresh process.
+    for step in range(17, 30):
+      again = resumed(step)
+      assert again.keys() == first[step].keys() == {"main", "partner"}
+      assert all(np.array_equal(again[k], first[step][k]) for k in again)
+    seeds = [index_sequence.augmentation_seeds(7, s, index_sequence.MAIN, 16) for s in (17, 18)]
     assert not np.array_equal(*seeds)
 
 
-def test_class_level_draws_follow_prior_power():
+def test_streamed_class_level_rows_follow_prior_power():
+  # The host runs the in-memory sampler (`sampling.batch_indices`): check the
+  # law end to end once more. tau = -1: P(c) ∝ 1 / n_c.
   counts = [40, 20, 10, 5, 4, 1]
   labels = labels_with_counts(counts)
-  members = pipeline.class_members(labels, 6)
-  prior = np.array(counts) / 80
-  # tau = -1: P(c) ∝ 1 / n_c = (1/40, 1/20, 1/10, 1/5, 1/4, 1) / 1.625.
   inverse = np.array([0.015385, 0.030769, 0.061538, 0.123077, 0.153846, 0.615385])
-  # tau = 0.5: P(c) ∝ sqrt(n_c) = (6.325, 4.472, 3.162, 2.236, 2, 1) / 19.195.
-  square_root = np.array([6.3246, 4.4721, 3.1623, 2.2361, 2.0, 1.0]) / 19.1951
-  for stream, tau, expected in ((pipeline.STREAM_PARTNER, -1.0, inverse),
-                                (pipeline.STREAM_MAIN_CLASS, 0.5, square_root)):
-    log_probs = sampling.class_level_log_probs(prior, tau)
-    rows = np.concatenate([pipeline.class_level_indices(1, s, stream, members, log_probs, 64)
-                           for s in range(500)])
-    observed = np.bincount(labels[rows], minlength=6)
-    assert stats.chisquare(observed, expected * len(rows)).pvalue > 1e-3
-    # Within a class, each image is equally likely (class 0: rows 0..39).
-    within = np.bincount(rows[labels[rows] == 0], minlength=40)
-    assert stats.chisquare(within).pvalue > 1e-3
-
-
-def test_empty_class_is_never_drawn():
-  labels = labels_with_counts([5, 0, 5])
-  log_probs = np.log([0.2, 0.6, 0.2])  # Mass on the class without images.
-  rows = pipeline.class_level_indices(0, 0, pipeline.STREAM_PARTNER,
-                                      pipeline.class_members(labels, 3), log_probs, 400)
-  assert set(labels[rows].tolist()) == {0, 2}
+  laws = index_sequence.Laws(None, sampling.class_level_log_probs(np.array(counts) / 80, -1.0))
+  sequence = index_sequence.IndexSequence(1, labels, 6, 64, laws)
+  rows = np.concatenate([sequence(s)["partner"] for s in range(300)])
+  assert stats.chisquare(np.bincount(labels[rows], minlength=6),
+                         inverse * len(rows)).pvalue > 1e-3
 
 
 def test_rows_of_a_process_are_checked():
-  assert pipeline.checked_rows([4, 5, 12, 13], 16).tolist() == [4, 5, 12, 13]
+  assert index_sequence.checked_rows([4, 5, 12, 13], 16).tolist() == [4, 5, 12, 13]
   for bad in ([], [3, 3], [-1, 2], [16]):
     with pytest.raises(ConfigError, match="distinct positions in"):
-      pipeline.checked_rows(bad, 16)
+      index_sequence.checked_rows(bad, 16)
 
 
 def host_rows(process, processes, devices_each, global_batch):
@@ -142,7 +142,7 @@ def host_rows(process, processes, devices_each, global_batch):
 
 
 def test_eval_positions_pad_with_minus_one():
-  positions = pipeline.eval_positions(10, 4)
+  positions = index_sequence.eval_positions(10, 4)
   assert positions.tolist() == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, -1, -1]]
 
 
@@ -155,14 +155,13 @@ def test_train_batches_follow_the_index_sequence(dataset, fake_root):
   assert np.array_equal(dataset.prior.counts, counts)
   log_probs = sampling.class_level_log_probs(counts / counts.sum(), -1.0)
   batches = take(dataset.train_batches(seed=2, start_step=0, global_batch=48,
-                                       rows=np.arange(48), main_log_class_probs=None,
-                                       partner_log_class_probs=log_probs), 20)
+                                       rows=np.arange(48), laws=index_sequence.Laws(None, log_probs)), 20)
   first = batches[0]
   assert first["image"].shape == first["partner_image"].shape == (48, SIZE, SIZE, 3)
   assert first["image"].dtype == np.uint8 and first["label"].dtype == np.int32
   # Main labels are those of the epoch permutation's rows.
   for step in (0, 7):
-    rows = pipeline.epoch_batch_indices(2, step, len(dataset.train_labels), 48)
+    rows = r_rows(2, step, len(dataset.train_labels), 48)
     assert np.array_equal(batches[step]["label"], dataset.train_labels[rows])
   # Partner classes follow pi^-1, i.e. 1 / n_c normalised.
   expected = (1 / counts) / (1 / counts).sum()
@@ -171,8 +170,7 @@ def test_train_batches_follow_the_index_sequence(dataset, fake_root):
 
 
 def test_resumed_batches_equal_uninterrupted_ones(dataset):
-  kwargs = dict(seed=5, global_batch=16, rows=np.arange(16), main_log_class_probs=None,
-                partner_log_class_probs=np.log(np.full(12, 1 / 12)))
+  kwargs = dict(seed=5, global_batch=16, rows=np.arange(16), laws=UNIFORM_PARTNERS)
   straight = take(dataset.train_batches(start_step=0, **kwargs), 6)
   resumed = take(dataset.train_batches(start_step=4, **kwargs), 2)
   for a, b in zip(straight[4:], resumed):
@@ -182,8 +180,7 @@ def test_resumed_batches_equal_uninterrupted_ones(dataset):
 
 
 def test_interleaved_hosts_decode_the_rows_of_the_single_host(dataset):
-  kwargs = dict(seed=1, start_step=3, global_batch=16, main_log_class_probs=None,
-                partner_log_class_probs=np.log(np.full(12, 1 / 12)))
+  kwargs = dict(seed=1, start_step=3, global_batch=16, laws=UNIFORM_PARTNERS)
   single = take(dataset.train_batches(rows=np.arange(16), **kwargs), 2)
   rows = [host_rows(p, 2, 2, 16) for p in (0, 1)]
   assert rows[0].tolist() == [0, 1, 2, 3, 8, 9, 10, 11]
@@ -195,8 +192,7 @@ def test_interleaved_hosts_decode_the_rows_of_the_single_host(dataset):
 
 
 def test_partners_stop_with_the_mixing(dataset):
-  kwargs = dict(seed=1, global_batch=16, rows=np.arange(16), main_log_class_probs=None,
-                partner_log_class_probs=np.log(np.full(12, 1 / 12)))
+  kwargs = dict(seed=1, global_batch=16, rows=np.arange(16), laws=UNIFORM_PARTNERS)
   batches = take(dataset.train_batches(start_step=2, partner_until_step=4, **kwargs), 4)
   assert [sorted(b) for b in batches] == [
       ["image", "label", "partner_image", "partner_label"]] * 2 + [["image", "label"]] * 2
@@ -270,10 +266,9 @@ def test_random_resized_crop_and_flip_statistics(tmp_path):
   ramp = np.stack([x * 255 / (width - 1), y * 255 / (height - 1), np.zeros_like(x)], -1)
   cfg = image_list_set(tmp_path, {f"r{k}.JPEG": ramp.astype(np.uint8) for k in range(8)},
                        image_size=32)
-  data = pipeline.load_streaming_dataset(cfg)
+  data = streaming.load_streaming_dataset(cfg)
   images = np.concatenate([b["image"] for b in take(data.train_batches(
-      seed=0, start_step=0, global_batch=8, rows=np.arange(8), main_log_class_probs=None,
-      partner_log_class_probs=None), 30)]).astype(np.float64)
+      seed=0, start_step=0, global_batch=8, rows=np.arange(8), laws=NO_CLASS_LAWS), 30)]).astype(np.float64)
   red, green = images[:, 16, :, 0], images[:, :, 16, 1]
   shrink = 1 - 1 / 32  # Output pixel centres span 31/32 of the crop.
   crop_w = (red.max(1) - red.min(1)) / 255 * (width - 1) / shrink
@@ -295,7 +290,7 @@ def test_eval_resizes_the_shorter_side_and_centre_crops(tmp_path):
   image[16:32, 24:40] = 255
   image[:, :4, 0] = image[:, -4:, 0] = 255
   cfg = image_list_set(tmp_path, {"a.JPEG": image, "b.png.JPEG": image})
-  data = pipeline.load_streaming_dataset(cfg)
+  data = streaming.load_streaming_dataset(cfg)
   batch = next(data.eval_batches(global_batch=2, rows=np.arange(2)))
   for out in batch["image"]:  # A JPEG and a PNG named .JPEG, as in ImageNet.
     assert out.shape == (SIZE, SIZE, 3)
@@ -318,11 +313,10 @@ def small_set(tmp_path):
 def test_missing_image_in_a_large_list_stops_at_read_time(tmp_path, monkeypatch):
   cfg = small_set(tmp_path)
   monkeypatch.setattr(lists, "EXISTENCE_CHECK_MAX_LINES", 0)  # Treat every list as large.
-  data = pipeline.load_streaming_dataset(cfg)
+  data = streaming.load_streaming_dataset(cfg)
   os.remove(tmp_path / "c1" / "img3.JPEG")
   with pytest.raises(MissingDataError) as error:
-    take(data.train_batches(seed=0, start_step=0, global_batch=6, rows=np.arange(6), main_log_class_probs=None,
-                            partner_log_class_probs=None), 1)
+    take(data.train_batches(seed=0, start_step=0, global_batch=6, rows=np.arange(6), laws=NO_CLASS_LAWS), 1)
   message = str(error.value)
   assert "train.txt line 4" in message and str(tmp_path / "c1" / "img3.JPEG") in message
   assert "\n" not in message
@@ -332,7 +326,7 @@ def test_missing_image_in_a_small_list_stops_at_load(tmp_path):
   cfg = small_set(tmp_path)
   os.remove(tmp_path / "c0" / "img2.JPEG")
   with pytest.raises(MissingDataError, match=r"train.txt line 3 .*img2.JPEG does not exist"):
-    pipeline.load_streaming_dataset(cfg)
+    streaming.load_streaming_dataset(cfg)
 
 
 @pytest.mark.parametrize("split", ["train", "test"])
@@ -340,11 +334,11 @@ def test_undecodable_jpeg_names_the_file(tmp_path, split):
   cfg = small_set(tmp_path)
   bad = tmp_path / "c0" / "img4.JPEG"
   bad.write_bytes(bad.read_bytes()[:120])  # A JPEG cut short: header, no image data.
-  data = pipeline.load_streaming_dataset(cfg)
+  data = streaming.load_streaming_dataset(cfg)
   with pytest.raises(DataError) as error:
     if split == "train":
       take(data.train_batches(seed=0, start_step=0, global_batch=6, rows=np.arange(6),
-                              main_log_class_probs=None, partner_log_class_probs=None), 1)
+                              laws=NO_CLASS_LAWS), 1)
     else:
       list(data.eval_batches(global_batch=4, rows=np.arange(4)))
   message = str(error.value)
@@ -370,10 +364,10 @@ def gcs_set(tmp_path, gcs):
 
 def test_gs_dataset_reads_what_the_local_one_does(tmp_path, gcs):
   local, cfg = gcs_set(tmp_path, gcs)
-  from_local = pipeline.load_streaming_dataset(
+  from_local = streaming.load_streaming_dataset(
       config(local, name="image_list", num_classes=2, train_list="train.txt",
              test_list="test.txt"))
-  from_gs = pipeline.load_streaming_dataset(cfg)
+  from_gs = streaming.load_streaming_dataset(cfg)
   rel = [f"c{k % 2}/img{k}.JPEG" for k in range(8)]
   assert from_gs.train_reader.keys(np.arange(8)).tolist() == [
       f"{cfg.image_root}/{r}".encode() for r in rel]
@@ -387,11 +381,11 @@ def test_missing_gs_image_stops_at_read_time_naming_it(tmp_path, gcs, split):
   local, cfg = gcs_set(tmp_path, gcs)
   import fsspec  # pylint: disable=g-import-not-at-top
   fsspec.filesystem("gs").rm(f"{cfg.image_root}/c1/img3.JPEG")
-  data = pipeline.load_streaming_dataset(cfg)  # No up-front check on gs://.
+  data = streaming.load_streaming_dataset(cfg)  # No up-front check on gs://.
   with pytest.raises(MissingDataError) as error:
     if split == "train":
       take(data.train_batches(seed=0, start_step=0, global_batch=8, rows=np.arange(8),
-                              main_log_class_probs=None, partner_log_class_probs=None), 1)
+                              laws=NO_CLASS_LAWS), 1)
     else:
       list(data.eval_batches(global_batch=4, rows=np.arange(4)))
   message = str(error.value)
@@ -402,7 +396,7 @@ def test_missing_gs_image_stops_at_read_time_naming_it(tmp_path, gcs, split):
 
 
 def test_batch_and_seed_errors(dataset):
-  kwargs = dict(start_step=0, main_log_class_probs=None, partner_log_class_probs=None)
+  kwargs = dict(start_step=0, laws=NO_CLASS_LAWS)
   with pytest.raises(ConfigError, match="distinct positions in"):
     dataset.train_batches(seed=0, global_batch=16, rows=np.arange(20), **kwargs)
   with pytest.raises(ConfigError, match="must be in"):
@@ -410,7 +404,7 @@ def test_batch_and_seed_errors(dataset):
   with pytest.raises(ConfigError, match="seed and step must be >= 0"):
     dataset.train_batches(seed=-1, global_batch=16, rows=np.arange(16), **kwargs)
   with pytest.raises(MissingDataError, match="list file missing.txt not found"):
-    pipeline.load_streaming_dataset(
+    streaming.load_streaming_dataset(
         config(dataset.splits["test"].image_list.path.parent, name="image_list",
                num_classes=12, train_list="ImageNet_LT_train.txt",
                test_list="ImageNet_LT_test.txt", val_list="missing.txt")).eval_split("val")
@@ -423,7 +417,7 @@ def test_batch_and_seed_errors(dataset):
 def same_batches(a, b, num_classes):
   """Asserts that two StreamingDatasets give the same train and eval batches."""
   kwargs = dict(seed=0, start_step=0, global_batch=8, rows=np.arange(8),
-                main_log_class_probs=None, partner_log_class_probs=np.zeros(num_classes))
+                laws=index_sequence.Laws(None, np.zeros(num_classes)))
   evals = dict(global_batch=8, rows=np.arange(8))
   for x, y in ((next(a.train_batches(**kwargs)), next(b.train_batches(**kwargs))),
                (next(a.eval_batches(**evals)), next(b.eval_batches(**evals)))):
@@ -479,16 +473,16 @@ def test_tfds_imagenet2012_array_record_end_to_end(tmp_path):
       download_config=tfds.download.DownloadConfig(manual_dir=str(manual)))
   # 1000 classes, most without images here: a pseudo-count keeps log pi finite.
   common = dict(num_classes=1000, zero_count_smoothing=1.0, cache_dir=str(tmp_path / "c"))
-  from_tfds = pipeline.load_streaming_dataset(config(
+  from_tfds = streaming.load_streaming_dataset(config(
       root, source="tfds", image_root="", tfds_data_dir=str(tmp_path / "tfds"), **common))
   assert from_tfds.identity["tfds_name"] == "imagenet2012"
   assert from_tfds.source.startswith("tfds:imagenet2012:")
-  same_batches(from_tfds, pipeline.load_streaming_dataset(config(root, **common)), 1000)
+  same_batches(from_tfds, streaming.load_streaming_dataset(config(root, **common)), 1000)
   # A list entry without a record names its line.
   (root / "ImageNet_LT_test.txt").write_text(
       test_lines[0] + "\nval/x/ILSVRC2012_val_00049999.JPEG 3\n")
   with pytest.raises(MissingDataError, match=r"ImageNet_LT_test.txt line 2 .*no record"):
-    pipeline.load_streaming_dataset(config(
+    streaming.load_streaming_dataset(config(
         root, source="tfds", image_root="", tfds_data_dir=str(tmp_path / "tfds"), **common))
 
 
@@ -515,10 +509,10 @@ def test_tfds_inat2018_matches_ids_by_list_role(tmp_path):
 
   common = dict(name="inat2018", num_classes=8142, zero_count_smoothing=1.0)
   with tfds.testing.mock_data(as_data_source_fn=as_data_source):
-    from_tfds = pipeline.load_streaming_dataset(config(
+    from_tfds = streaming.load_streaming_dataset(config(
         root, source="tfds", image_root="", cache_dir=str(tmp_path / "c"), **common))
   assert from_tfds.identity["tfds_name"] == "i_naturalist2018"
-  same_batches(from_tfds, pipeline.load_streaming_dataset(config(root, **common)), 8142)
+  same_batches(from_tfds, streaming.load_streaming_dataset(config(root, **common)), 8142)
 
 
 def test_imports_and_list_loading_need_no_tensorflow(fake_root):
@@ -534,9 +528,9 @@ sys.meta_path.insert(0, Block())
 sys.modules['tensorflow'] = sys.modules['tensorflow_datasets'] = None
 import ml_collections
 import lt_calib.data, lt_calib.data.sources, lt_calib.data.lists, lt_calib.data.fake
-from lt_calib.data import pipeline
+from lt_calib.data import streaming
 from lt_calib.errors import MissingDependencyError
-data = pipeline.load_streaming_dataset(ml_collections.ConfigDict(dict(
+data = streaming.load_streaming_dataset(ml_collections.ConfigDict(dict(
     name='image_list', num_classes=12, image_root={str(fake_root)!r},
     split_dir={str(fake_root)!r}, train_list='ImageNet_LT_train.txt',
     test_list='ImageNet_LT_test.txt', image_size=8)))

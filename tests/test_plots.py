@@ -7,6 +7,7 @@ import pytest
 import sklearn.metrics
 
 from lt_calib.calibration import metrics, plots, report
+from lt_calib.calibration import summary as summary_lib
 from lt_calib.data import long_tail
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -83,7 +84,7 @@ def test_write_report_files_and_table(tmp_path):
   summary = report.write_report(tmp_path, logits, labels, counts, title="fake",
                                 extra_tables=[("Extra", "| a |\n| --- |\n| 1 |")],
                                 temperature=temperature)
-  assert summary == metrics.summarize(logits, labels, counts)
+  assert summary == summary_lib.summarize(logits, labels, counts)
   text = (tmp_path / "report.md").read_text()
   for name in list(report.PICTURES) + ["reliability_temperature.png"]:
     assert_png(tmp_path / name)

@@ -4,7 +4,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from lt_calib import losses
+from lt_calib.method import losses
 from lt_calib.calibration import posthoc
 
 # Appendix D.4 profiles for n = 1000 images a class (CIFAR-10's test set),

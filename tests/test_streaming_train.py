@@ -1,7 +1,7 @@
 """The trainer on a streamed (tf.data) dataset in the ImageNet-LT layout.
 
 A generated 12-class dataset (lt_calib.data.fake) is trained through
-`train.train_and_evaluate` exactly as ImageNet-LT would be: split lists, an
+`trainer.train_and_evaluate` exactly as ImageNet-LT would be: split lists, an
 image folder, the R main batch and the R* partner batch from the index
 sequence, evaluation in padded batches.
 """
@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from configs import imagenet_lt
-from lt_calib import train
+from lt_calib.train import trainer
 from lt_calib.data import fake
 
 CLASSES = 12
@@ -54,7 +54,7 @@ def list_counts(path):
 
 def test_streamed_run_counts_and_resumes_exactly(tmp_path, fake_root):
   config = streamed_config(fake_root)
-  whole = train.train_and_evaluate(config, str(tmp_path / "whole"))
+  whole = trainer.train_and_evaluate(config, str(tmp_path / "whole"))
   train_counts = list_counts(fake_root / "ImageNet_LT_train.txt")
   assert whole["train_class_counts"] == train_counts
   num_test = sum(1 for _ in open(fake_root / "ImageNet_LT_test.txt"))
@@ -66,9 +66,9 @@ def test_streamed_run_counts_and_resumes_exactly(tmp_path, fake_root):
   assert whole["steps"] == 2 * steps_per_epoch
   # A stop mid-epoch and a new call read the same images: the same bits.
   stop = steps_per_epoch // 2 + 1
-  split = train.train_and_evaluate(config, str(tmp_path / "split"), stop_at_step=stop)
+  split = trainer.train_and_evaluate(config, str(tmp_path / "split"), stop_at_step=stop)
   assert split["stopped_at_step"] == stop
-  resumed = train.train_and_evaluate(config, str(tmp_path / "split"))
+  resumed = trainer.train_and_evaluate(config, str(tmp_path / "split"))
   assert resumed["resumed_from_step"] == stop
   assert resumed["fingerprint"] == whole["fingerprint"]
   records = [json.loads(l) for l in (tmp_path / "whole" / "train_metrics.jsonl")

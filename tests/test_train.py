@@ -12,9 +12,11 @@ import jax
 import numpy as np
 import pytest
 
-from lt_calib import checkpointing, config_checks, train
+from lt_calib import checkpointing, config_checks
+from lt_calib.train import loop, trainer
 from lt_calib.errors import WorkdirError
-from tests.conftest import REPO, tiny_config
+from tests.conftest import REPO
+from tests.helpers import tiny_config
 
 
 def final_params(workdir):
@@ -32,7 +34,7 @@ def assert_trees_close(a, b, **tolerance):
 
 
 def test_run_writes_summary_and_metrics(tmp_path, cifar10_file):
-  summary = train.train_and_evaluate(tiny_config(), str(tmp_path))
+  summary = trainer.train_and_evaluate(tiny_config(), str(tmp_path))
   lines = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
   assert [l["epoch"] for l in lines] == [1, 2]
   on_disk = json.loads((tmp_path / "summary.json").read_text())
@@ -75,12 +77,12 @@ def test_fingerprint_sees_every_bit():
 
 def test_resumed_run_matches_uninterrupted(tmp_path, cifar10_file):
   whole, split = tmp_path / "whole", tmp_path / "split"
-  expected = train.train_and_evaluate(tiny_config(), str(whole))
+  expected = trainer.train_and_evaluate(tiny_config(), str(whole))
   # Stopped mid-epoch (8 of 12 steps), as on preemption, then the same call.
-  stopped = train.train_and_evaluate(tiny_config(), str(split), stop_at_step=8)
+  stopped = trainer.train_and_evaluate(tiny_config(), str(split), stop_at_step=8)
   assert stopped == {"stopped_at_step": 8, "reason": "stop_at_step"}
   assert checkpointing.read_state_tree(split)[0] == 8
-  summary = train.train_and_evaluate(tiny_config(), str(split))
+  summary = trainer.train_and_evaluate(tiny_config(), str(split))
   assert summary["resumed_from_step"] == 8 and summary["steps_this_run"] == 16
   assert summary["fingerprint"] == expected["fingerprint"]  # Bit for bit.
   assert summary["final"]["top1"] == expected["final"]["top1"]
@@ -91,22 +93,22 @@ def test_resumed_run_matches_uninterrupted(tmp_path, cifar10_file):
 
 def test_two_fresh_runs_have_equal_fingerprints(tmp_path, cifar10_file):
   config = tiny_config(num_epochs=1)
-  first = train.train_and_evaluate(config, str(tmp_path / "a"))
-  second = train.train_and_evaluate(config, str(tmp_path / "b"))
+  first = trainer.train_and_evaluate(config, str(tmp_path / "a"))
+  second = trainer.train_and_evaluate(config, str(tmp_path / "b"))
   assert first["fingerprint"] == second["fingerprint"]
-  other_seed = train.train_and_evaluate(tiny_config(num_epochs=1, seed=1),
+  other_seed = trainer.train_and_evaluate(tiny_config(num_epochs=1, seed=1),
                                         str(tmp_path / "c"))
   assert other_seed["fingerprint"] != first["fingerprint"]
 
 
 def test_resume_with_a_changed_config_is_refused(tmp_path, cifar10_file):
-  train.train_and_evaluate(tiny_config(), str(tmp_path), stop_at_step=4)
+  trainer.train_and_evaluate(tiny_config(), str(tmp_path), stop_at_step=4)
   with pytest.raises(WorkdirError, match=r"optim\.learning_rate: 0\.1 -> 0\.05.*"
                                          r"--allow_config_change"):
-    train.train_and_evaluate(tiny_config(optim__learning_rate=0.05), str(tmp_path))
+    trainer.train_and_evaluate(tiny_config(optim__learning_rate=0.05), str(tmp_path))
   # Bookkeeping fields (how often to log) change nothing that is computed.
-  train.train_and_evaluate(tiny_config(log_every_steps=2), str(tmp_path), stop_at_step=6)
-  summary = train.train_and_evaluate(tiny_config(optim__learning_rate=0.05), str(tmp_path),
+  trainer.train_and_evaluate(tiny_config(log_every_steps=2), str(tmp_path), stop_at_step=6)
+  summary = trainer.train_and_evaluate(tiny_config(optim__learning_rate=0.05), str(tmp_path),
                                      allow_config_change=True)
   assert summary["config_changes"] == [{"resumed_at_step": 6, "changes": {
       "optim.learning_rate": [0.1, 0.05]}}]
@@ -137,9 +139,9 @@ def test_eight_devices_match_one(tmp_path, cifar10_file):
 
 
 def test_non_finite_loss_stops_and_keeps_checkpoint(tmp_path, cifar10_file):
-  train.train_and_evaluate(tiny_config(), str(tmp_path), stop_at_step=12)
-  with pytest.raises(train.NonFiniteLossError, match=r"at step 1[3-9].*checkpoint \(step 12\)"):
-    train.train_and_evaluate(tiny_config(optim__learning_rate=1e30), str(tmp_path),
+  trainer.train_and_evaluate(tiny_config(), str(tmp_path), stop_at_step=12)
+  with pytest.raises(loop.NonFiniteLossError, match=r"at step 1[3-9].*checkpoint \(step 12\)"):
+    trainer.train_and_evaluate(tiny_config(optim__learning_rate=1e30), str(tmp_path),
                              allow_config_change=True)
   step, _ = final_params(tmp_path)
   assert step == 12

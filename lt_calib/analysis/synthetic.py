@@ -34,8 +34,9 @@ import jax.numpy as jnp
 import numpy as np
 from sklearn import svm
 
-from lt_calib import mixing
-from lt_calib.data import long_tail, sampling
+from lt_calib.method import mixing
+from lt_calib.data import long_tail
+from lt_calib.method import sampling
 
 METHODS = ("imbalanced", "mixup", "unimix", "balanced")  # Fig. 3 (a)-(d).
 TITLES = {"imbalanced": "(a) imbalanced", "mixup": "(b) imbalanced + mixup",

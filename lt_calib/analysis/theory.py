@@ -43,8 +43,9 @@ import jax.numpy as jnp
 import numpy as np
 from scipy import stats
 
-from lt_calib import mixing
-from lt_calib.data import long_tail, sampling
+from lt_calib.method import mixing
+from lt_calib.data import long_tail
+from lt_calib.method import sampling
 
 # --------------------------------------------------------------- closed forms
 

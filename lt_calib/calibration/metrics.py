@@ -12,15 +12,13 @@ Conventions:
   p = 1.0 is in the last bin, an underflowed p = 0.0 in the first, and a value
   on an edge goes where the float rounding of p*M puts it.
 
-ECE, MCE, SCE, Brier, NLL and the accuracies are sums over examples
-(`batch_statistics`), so they aggregate exactly over batches and devices;
-ACE/TACE sort each class's predictions over the whole set and do not.
+Whole-set summaries (`summarize`, and the same from per-batch sums that
+aggregate exactly over batches and devices) are in
+lt_calib/calibration/summary.py.
 """
 
 import math
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
 SHOT_GROUPS = ("many", "medium", "few")
@@ -40,32 +38,14 @@ def softmax(logits):
   return e / e.sum(axis=-1, keepdims=True)
 
 
-def top_probability(logits, chunk=4096):
-  """max_c softmax(z)_c of each row, 1 / sum_c exp(z_c - max z), in row blocks.
-
-  Args:
-    logits: [N, C].
-    chunk: rows per block (memory: chunk x C float64).
-
-  Returns:
-    float64 [N].
-  """
-  logits = np.asarray(logits)
-  out = np.empty(len(logits))
-  for k in range(0, len(logits), chunk):
-    z = logits[k:k + chunk].astype(np.float64)
-    out[k:k + chunk] = 1.0 / np.exp(z - z.max(axis=1, keepdims=True)).sum(axis=1)
-  return out
-
-
-def _safe_divide(num, den):
+def safe_divide(num, den):
   """num / den, NaN where den == 0 (no warning)."""
   num, den = np.asarray(num, np.float64), np.asarray(den, np.float64)
   out = np.full(np.broadcast(num, den).shape, np.nan)
   return np.divide(num, den, out=out, where=den > 0)
 
 
-def _label_rank(scores, labels, xp):
+def label_rank(scores, labels, xp):
   """Position of each label in a stable descending sort of its row.
 
   Counting instead of sorting is O(N*C), identical in NumPy (xp=np) and jnp,
@@ -90,7 +70,7 @@ def top_k_accuracy(scores, labels, k=1):
   """
   scores = np.asarray(scores, np.float64)
   k = min(k, scores.shape[1])
-  return float(np.mean(_label_rank(scores, np.asarray(labels), np) < k))
+  return float(np.mean(label_rank(scores, np.asarray(labels), np) < k))
 
 
 def per_class_accuracy(pred, labels, num_classes):
@@ -106,7 +86,7 @@ def per_class_accuracy(pred, labels, num_classes):
   """
   pred, labels = np.asarray(pred), np.asarray(labels)
   hits = np.bincount(labels, weights=pred == labels, minlength=num_classes)
-  return _safe_divide(hits, np.bincount(labels, minlength=num_classes))
+  return safe_divide(hits, np.bincount(labels, minlength=num_classes))
 
 
 def shot_groups(train_counts, many_threshold=100, few_threshold=20):
@@ -150,7 +130,7 @@ def shot_accuracy(per_class_acc, train_counts, many_threshold=100,
   return out
 
 
-def _bin_index(confidence, num_bins, xp):
+def bin_index(confidence, num_bins, xp):
   """Right-closed equal-width bin of each confidence (module docstring)."""
   index = xp.ceil(confidence * num_bins).astype(xp.int32) - 1
   return xp.clip(index, 0, num_bins - 1)
@@ -171,7 +151,7 @@ def calibration_bins(confidence, correct, num_bins=15):
     in B_m) and 'sum_correct' (number of right predictions in B_m).
   """
   confidence = np.asarray(confidence, np.float64)
-  index = _bin_index(confidence, num_bins, np)
+  index = bin_index(confidence, num_bins, np)
   correct = np.asarray(correct, np.float64)
   return {"count": np.bincount(index, minlength=num_bins),
           "sum_confidence": np.bincount(index, confidence, num_bins),
@@ -193,7 +173,7 @@ def ece_from_bins(bins):
   """
   gap = np.abs(np.asarray(bins["sum_correct"], np.float64)
                - np.asarray(bins["sum_confidence"], np.float64))
-  return _safe_divide(gap.sum(-1), np.sum(bins["count"], -1))[()]
+  return safe_divide(gap.sum(-1), np.sum(bins["count"], -1))[()]
 
 
 def reliability_from_bins(bins):
@@ -207,8 +187,8 @@ def reliability_from_bins(bins):
     'count' [M] and 'edges' [M + 1] (bin m is (edges[m], edges[m + 1]]).
   """
   count = np.asarray(bins["count"], np.float64)
-  return {"accuracy": _safe_divide(bins["sum_correct"], count),
-          "confidence": _safe_divide(bins["sum_confidence"], count),
+  return {"accuracy": safe_divide(bins["sum_correct"], count),
+          "confidence": safe_divide(bins["sum_confidence"], count),
           "count": count,
           "edges": np.linspace(0.0, 1.0, count.shape[-1] + 1)}
 
@@ -259,7 +239,7 @@ def classwise_calibration_bins(probs, labels, num_bins=15):
   n, num_classes = probs.shape
   hits = np.asarray(labels)[:, None] == np.arange(num_classes)
   # One bincount over (class, bin) pairs rather than a loop over classes.
-  pair = (_bin_index(probs, num_bins, np)
+  pair = (bin_index(probs, num_bins, np)
           + num_bins * np.arange(num_classes)).ravel()
   def total(weights):
     return np.bincount(pair, weights, num_classes * num_bins).reshape(
@@ -408,159 +388,3 @@ def nll(logits, labels):
   logsumexp = top + np.log(np.exp(z - top[:, None]).sum(axis=1))
   label_logit = np.take_along_axis(z, np.asarray(labels)[:, None], 1)[:, 0]
   return float(np.mean(logsumexp - label_logit))
-
-
-def _shared_metrics(per_class_acc, train_counts, top1_bins, class_bins):
-  """Entries computed alike by `summarize` and `metrics_from_statistics`."""
-  evaluated = per_class_acc[~np.isnan(per_class_acc)]
-  return {
-      "mean_class_acc": evaluated.mean() if evaluated.size else math.nan,
-      **shot_accuracy(per_class_acc, train_counts),
-      "ece": ece_from_bins(top1_bins),
-      "mce": mce_from_bins(top1_bins),
-      "sce": sce_from_bins(class_bins),
-  }
-
-
-def _json_ready(metrics):
-  """Python floats and lists, NaN as None (JSON has no NaN)."""
-  def clean(x):
-    return None if math.isnan(float(x)) else float(x)
-  return {k: [clean(v) for v in x] if np.ndim(x) else clean(x)
-          for k, x in metrics.items()}
-
-
-def summarize(logits, labels, train_counts, num_bins=15):
-  """Every metric of the paper's tables on a whole evaluation set.
-
-  Args:
-    logits: [N, C].
-    labels: int [N].
-    train_counts: int [C] training images per class (shot groups).
-    num_bins: M bins of ECE/MCE/SCE, also the R ranges of ACE/TACE.
-
-  Returns:
-    JSON-serialisable dict: top1, top5, mean_class_acc (over the classes
-    present in `labels`), many_acc, medium_acc, few_acc, ece, mce, sce, ace,
-    tace (epsilon 1e-3), brier (Eq. D.6), brier_sum (no 1/C, as Table D1),
-    nll, and per_class_acc (list of C). Undefined values (an empty shot group,
-    a class absent from `labels`) are None instead of NaN.
-  """
-  logits, labels = np.asarray(logits, np.float64), np.asarray(labels)
-  probs = softmax(logits)
-  pred = logits.argmax(axis=1)
-  per_class = per_class_accuracy(pred, labels, logits.shape[1])
-  top1_bins = calibration_bins(probs.max(axis=1), pred == labels, num_bins)
-  return _json_ready({
-      "top1": top_k_accuracy(logits, labels, 1),
-      "top5": top_k_accuracy(logits, labels, 5),
-      **_shared_metrics(per_class, train_counts, top1_bins,
-                        classwise_calibration_bins(probs, labels, num_bins)),
-      **dict(zip(("ace", "tace"), adaptive_calibration_errors(logits, labels, num_bins))),
-      "brier": brier_score(probs, labels, "mean"),
-      "brier_sum": brier_score(probs, labels, "sum"),
-      "nll": nll(logits, labels),
-      "per_class_acc": per_class,
-  })
-
-
-def batch_statistics(logits, labels, num_classes, num_bins=15, mask=None):
-  """Sums over one batch from which the metrics of `summarize` follow (jnp).
-
-  No Python control flow on values: runs under `jax.jit` (`num_classes` and
-  `num_bins` static), also on a batch sharded over a mesh, where the sums over
-  the batch axis become all-reduces. Add the dicts of disjoint batches
-  (`jax.tree.map(np.add, a, b)`) and pass the total to
-  `metrics_from_statistics`: this matches `summarize` up to float rounding
-  (the batch is processed in the logits' dtype, `summarize` in float64). ACE
-  and TACE need the whole sorted set and are not available this way.
-
-  Args:
-    logits: [B, C].
-    labels: int [B].
-    num_classes: C.
-    num_bins: M equal-width bins.
-    mask: optional [B], 1 for real examples and 0 for padding; padded rows
-      may hold anything (even NaN logits, label -1) and count for nothing.
-
-  Returns:
-    dict: int32 'count', 'top1_correct', 'top5_correct', 'class_count' [C],
-    'class_correct' [C]; float 'nll_sum', 'brier_sum' (over examples and
-    classes); 'ece_bins' ([M], as `calibration_bins`) and 'sce_bins'
-    ([C, M], as `classwise_calibration_bins`).
-  """
-  logits, labels = jnp.asarray(logits), jnp.asarray(labels)
-  if logits.shape[-1] != num_classes:
-    raise ValueError(
-        f"logits have {logits.shape[-1]} classes, expected {num_classes}.")
-  valid = (jnp.ones(labels.shape, bool) if mask is None
-           else jnp.asarray(mask).astype(bool))
-  # Neutralise padding so every term below is finite and can be weighted out.
-  logits = jnp.where(valid[:, None], logits, 0)
-  labels = jnp.where(valid, labels, 0).astype(jnp.int32)
-  count, weight = valid.astype(jnp.int32), valid.astype(logits.dtype)
-
-  log_probs = jax.nn.log_softmax(logits)
-  probs = jnp.exp(log_probs)
-  onehot = jax.nn.one_hot(labels, num_classes, dtype=jnp.int32)
-  rank = _label_rank(logits, labels, jnp)
-  correct = (rank == 0).astype(jnp.int32) * count
-  label_log_prob = jnp.take_along_axis(log_probs, labels[:, None], 1)[:, 0]
-
-  # Bin membership as one-hot masks summed over the batch, not scatters: this
-  # is deterministic and works on a batch sharded over a mesh with Explicit
-  # axes (a scatter with sharded indices does not). The class-wise mask holds
-  # B*C*M elements.
-  bins = jnp.arange(num_bins)
-  top1_in_bin = _bin_index(probs.max(axis=1), num_bins, jnp)[:, None] == bins
-  class_in_bin = _bin_index(probs, num_bins, jnp)[..., None] == bins
-
-  def per_bin(in_bin, values):  # sum over the batch of values * [in bin m]
-    return jnp.sum(jnp.where(in_bin, values[..., None], 0), axis=0)
-
-  return {
-      "count": count.sum(),
-      "top1_correct": correct.sum(),
-      "top5_correct": ((rank < min(5, num_classes)) * count).sum(),
-      "class_count": (onehot * count[:, None]).sum(axis=0),
-      "class_correct": (onehot * correct[:, None]).sum(axis=0),
-      "nll_sum": -(weight * label_log_prob).sum(),
-      "brier_sum": (weight[:, None] * (onehot - probs) ** 2).sum(),
-      "ece_bins": {
-          "count": per_bin(top1_in_bin, count),
-          "sum_confidence": per_bin(top1_in_bin, weight * probs.max(axis=1)),
-          "sum_correct": per_bin(top1_in_bin, correct),
-      },
-      "sce_bins": {
-          "count": per_bin(class_in_bin,
-                           jnp.broadcast_to(count[:, None], probs.shape)),
-          "sum_confidence": per_bin(class_in_bin, weight[:, None] * probs),
-          "sum_correct": per_bin(class_in_bin, count[:, None] * onehot),
-      },
-  }
-
-
-def metrics_from_statistics(stats, train_counts):
-  """Metrics of `summarize` from `batch_statistics` summed over all batches.
-
-  Args:
-    stats: dict of `batch_statistics`, summed over batches and devices.
-    train_counts: int [C] training images per class.
-
-  Returns:
-    The dict of `summarize` without 'ace' and 'tace'; None for undefined
-    values.
-  """
-  s = jax.tree.map(lambda x: np.asarray(x, np.float64), stats)
-  n = s["count"]
-  per_class = _safe_divide(s["class_correct"], s["class_count"])
-  return _json_ready({
-      "top1": _safe_divide(s["top1_correct"], n),
-      "top5": _safe_divide(s["top5_correct"], n),
-      **_shared_metrics(per_class, train_counts, s["ece_bins"],
-                        s["sce_bins"]),
-      "brier": _safe_divide(s["brier_sum"], n * per_class.size),
-      "brier_sum": _safe_divide(s["brier_sum"], n),
-      "nll": _safe_divide(s["nll_sum"], n),
-      "per_class_acc": per_class,
-  })

@@ -24,7 +24,7 @@ import numpy as np
 import scipy.optimize
 import scipy.special
 
-from lt_calib import losses
+from lt_calib.method import losses
 from lt_calib.data import long_tail
 
 

@@ -2,7 +2,7 @@
 
 `write_report` is what `lt_calib.evaluate` calls for any checkpoint and
 `write_training_report` what training calls at its end; all numbers come from
-`metrics.summarize`. Matplotlib and SciPy (the 'analysis' extra) are imported
+`summary.summarize`. Matplotlib and SciPy (the 'analysis' extra) are imported
 only when a report is written, so importing this module costs nothing on a
 host without them, and the end-of-training report is then skipped with a
 warning instead of failing the run.
@@ -16,6 +16,7 @@ import numpy as np
 
 from lt_calib import storage
 from lt_calib.calibration import metrics
+from lt_calib.calibration import summary as summary_lib
 
 PICTURES = {
     "reliability.png": "Reliability diagram (15 bins): bars are the accuracy of "
@@ -36,6 +37,24 @@ PERCENT = {"top1", "top5", "mean_class_acc", "many_acc", "medium_acc", "few_acc"
            "ece", "mce", "sce", "ace", "tace"}
 
 
+def top_probability(logits, chunk=4096):
+  """max_c softmax(z)_c of each row, 1 / sum_c exp(z_c - max z), in row blocks.
+
+  Args:
+    logits: [N, C].
+    chunk: rows per block (memory: chunk x C float64).
+
+  Returns:
+    float64 [N].
+  """
+  logits = np.asarray(logits)
+  out = np.empty(len(logits))
+  for k in range(0, len(logits), chunk):
+    z = logits[k:k + chunk].astype(np.float64)
+    out[k:k + chunk] = 1.0 / np.exp(z - z.max(axis=1, keepdims=True)).sum(axis=1)
+  return out
+
+
 def _fmt(key, value):
   if value is None:
     return "n/a"
@@ -43,7 +62,7 @@ def _fmt(key, value):
 
 
 def summary_table(columns: dict) -> str:
-  """Markdown table of `metrics.summarize` dicts, one column per entry.
+  """Markdown table of `summary.summarize` dicts, one column per entry.
 
   Accuracies and calibration errors are in %, Brier and NLL as fractions.
   """
@@ -69,7 +88,7 @@ def temperature_section(val_logits, val_labels, test_logits, test_labels, train_
 
   Returns:
     dict: 'temperature', 'val_count_per_class' (list), 'val_nll_before'/'after'
-    and 'summary' (`metrics.summarize` of test_logits / T).
+    and 'summary' (`summary.summarize` of test_logits / T).
   """
   from lt_calib.calibration import posthoc  # pylint: disable=g-import-not-at-top
   val_labels = np.asarray(val_labels)
@@ -81,9 +100,29 @@ def temperature_section(val_logits, val_labels, test_logits, test_labels, train_
       "val_nll_before": metrics.nll(val_logits, val_labels),
       "val_nll_after": metrics.nll(posthoc.apply_temperature(val_logits, temperature),
                                    val_labels),
-      "summary": metrics.summarize(posthoc.apply_temperature(test_logits, temperature),
+      "summary": summary_lib.summarize(posthoc.apply_temperature(test_logits, temperature),
                                    test_labels, train_counts, num_bins),
   }
+
+
+def _draw_pictures(out, logits, labels, train_counts, summary, num_bins, title,
+                   class_names, file_prefix) -> np.ndarray:
+  """The PICTURES of raw logits into `out`; returns which predictions are right."""
+  from lt_calib.calibration import plots  # pylint: disable=g-import-not-at-top
+  pred, confidence = logits.argmax(axis=1), top_probability(logits)
+  correct = pred == labels
+  names = {k: file_prefix + k for k in PICTURES}
+  plots.reliability_diagram(confidence, correct, out / names["reliability.png"],
+                            num_bins, f"{title} raw".strip())
+  plots.confidence_accuracy_density(confidence, correct,
+                                    out / names["confidence_accuracy.png"], title=title)
+  counts = plots.confusion_matrix(pred, labels, logits.shape[1])
+  plots.confusion_plot(counts, out / names["confusion.png"], False, title, class_names)
+  plots.confusion_plot(counts, out / names["log_confusion.png"], True, title, class_names)
+  per_class = np.array([np.nan if a is None else a for a in summary["per_class_acc"]])
+  plots.per_class_accuracy_plot(per_class, train_counts,
+                                out / names["per_class_accuracy.png"], title)
+  return correct
 
 
 def write_report(workdir, logits, labels, train_counts, num_bins=15, title="",
@@ -105,12 +144,12 @@ def write_report(workdir, logits, labels, train_counts, num_bins=15, title="",
       metrics become a second column and a second reliability diagram is drawn.
     class_names: optional C names for the tick labels of <= 20 classes.
     file_prefix: prefix of every file name (several reports in one folder).
-    extra_columns: optional {name: `metrics.summarize` dict} shown beside the
+    extra_columns: optional {name: `summary.summarize` dict} shown beside the
       raw (and temperature-scaled) columns of the summary table.
-    summary: `metrics.summarize` of `logits` if already computed.
+    summary: `summary.summarize` of `logits` if already computed.
 
   Returns:
-    The `metrics.summarize` dict of the raw logits.
+    The `summary.summarize` dict of the raw logits.
   """
   from lt_calib.calibration import plots, posthoc  # pylint: disable=g-import-not-at-top
   out = storage.as_path(workdir)
@@ -118,27 +157,16 @@ def write_report(workdir, logits, labels, train_counts, num_bins=15, title="",
   logits, labels = np.asarray(logits), np.asarray(labels)
   num_classes = logits.shape[1]
   if summary is None:
-    summary = metrics.summarize(logits, labels, train_counts, num_bins)
-  pred, confidence = logits.argmax(axis=1), metrics.top_probability(logits)
-  correct = pred == labels
+    summary = summary_lib.summarize(logits, labels, train_counts, num_bins)
+  correct = _draw_pictures(out, logits, labels, train_counts, summary, num_bins, title,
+                           class_names, file_prefix)
   names = {k: file_prefix + k for k in PICTURES}
-  plots.reliability_diagram(confidence, correct, out / names["reliability.png"],
-                            num_bins, f"{title} raw".strip())
-  plots.confidence_accuracy_density(confidence, correct,
-                                    out / names["confidence_accuracy.png"], title=title)
-  counts = plots.confusion_matrix(pred, labels, num_classes)
-  plots.confusion_plot(counts, out / names["confusion.png"], False, title, class_names)
-  plots.confusion_plot(counts, out / names["log_confusion.png"], True, title, class_names)
-  per_class = np.array([np.nan if a is None else a for a in summary["per_class_acc"]])
-  plots.per_class_accuracy_plot(per_class, train_counts,
-                                out / names["per_class_accuracy.png"], title)
-
   columns = {"raw": summary}
   pictures = [(names[k], v) for k, v in PICTURES.items()]
   if temperature is not None:
     t = temperature["temperature"]
     columns[f"temperature-scaled (T = {t:.3f})"] = temperature["summary"]
-    scaled = metrics.top_probability(posthoc.apply_temperature(logits, t))
+    scaled = top_probability(posthoc.apply_temperature(logits, t))
     ts_name = file_prefix + "reliability_temperature.png"
     plots.reliability_diagram(scaled, correct, out / ts_name, num_bins,
                               f"{title} temperature-scaled T={t:.3f}".strip())
@@ -190,7 +218,7 @@ def write_training_report(workdir, config, logits, labels, train_counts, summary
   Returns:
     The summary dict of the raw logits, or None if skipped.
   """
-  from lt_calib.data import sources  # pylint: disable=g-import-not-at-top
+  from lt_calib.data import offline, sources  # pylint: disable=g-import-not-at-top
   try:
     import matplotlib  # pylint: disable=g-import-not-at-top,unused-import
     import scipy  # pylint: disable=g-import-not-at-top,unused-import
@@ -205,5 +233,6 @@ def write_training_report(workdir, config, logits, labels, train_counts, summary
            f"{config.mix.name}+{config.loss.name}")
   return write_report(workdir, logits, labels, train_counts, config.calibration_bins,
                       title, temperature=temperature,
-                      class_names=sources.load_class_names(config.dataset),
+                      class_names=offline.load_class_names(sources.get_info(config.dataset.name),
+                                                           config.dataset),
                       summary=summary)

@@ -10,23 +10,16 @@ is looked up in, in this order, `dataset.data_file`, `$LT_CALIB_DATA_DIR`,
 `<repo>/data/` and `<repo>/../shared/data/`; if none exists, TFDS is used.
 """
 
-import concurrent.futures
 import dataclasses
-import hashlib
-import io
-import logging
-import os
-import pathlib
-import zipfile
-import zlib
 from typing import Iterator, Optional
 
+import jax
 import numpy as np
-from PIL import Image
 
-from lt_calib import storage
-from lt_calib.data import long_tail
+from lt_calib import parallel
+from lt_calib.data import batches, long_tail, offline
 from lt_calib.errors import ConfigError, DataError, MissingDataError, MissingDependencyError
+from lt_calib.method import sampling
 
 SOURCES = ("auto", "offline", "tfds")
 # LDAM-DRW / Prior-LT normalisation constants for both CIFARs.
@@ -44,7 +37,7 @@ class DatasetInfo:
   long-tailed split stored in kept order (Tiny-ImageNet-LT): any rho >= pool_rho
   keeps the first n_c images of each class, which is the CIFAR-LT rule.
   `streaming` marks a dataset read from split lists through tf.data
-  (lt_calib.data.pipeline.load_streaming_dataset), never held in memory.
+  (lt_calib.data.streaming.load_streaming_dataset), never held in memory.
   """
   num_classes: int
   image_size: int
@@ -82,7 +75,10 @@ DATASETS = {
 
 @dataclasses.dataclass
 class Dataset:
-  """A long-tailed training set and its balanced test set, in memory."""
+  """A long-tailed training set and its balanced test set, in memory.
+
+  It implements the interface every dataset does (lt_calib/data/__init__.py).
+  """
   train_images: np.ndarray  # uint8 [N, H, W, 3]
   train_labels: np.ndarray  # int32 [N]
   test_images: np.ndarray
@@ -90,11 +86,20 @@ class Dataset:
   info: DatasetInfo
   prior: long_tail.ClassPrior
   source: str               # human-readable origin, for the summary.
+  identity: dict = dataclasses.field(default_factory=dict)  # Filled by run_identity.
+  config: object = dataclasses.field(default=None, repr=False)  # config.dataset.
 
   @property
   def image_shape(self) -> tuple:
     """(H, W, 3) of the images the model sees."""
     return tuple(self.train_images.shape[1:])
+
+  def make_feed(self, *, mesh, step_cfg, seed: int, start_step: int, global_batch: int,
+                members: bool = False) -> "ArrayFeed":
+    """The trainer's input: the training set on every device, sampled there."""
+    del step_cfg, seed, start_step
+    return ArrayFeed(self.train_images, self.train_labels, mesh, members,
+                     len(self.train_labels) // global_batch)
 
   def eval_batches(self, *, global_batch: int, rows: np.ndarray,
                    split: str = "test") -> Iterator[dict]:
@@ -102,6 +107,50 @@ class Dataset:
     if split != "test":
       raise ConfigError(f"evaluation split {split!r} is unknown; allowed: ['test'].")
     return padded_batches(self.test_images, self.test_labels, global_batch, rows)
+
+  def validation_batches(self, *, per_class: int, global_batch: int, rows) -> tuple:
+    """(labels, batches) of `per_class` unused training-pool images per class.
+
+    Raises:
+      MissingDataError: no offline file to draw them from (TFDS source).
+    """
+    images, labels = load_validation_split(self.config, per_class)
+    return labels, padded_batches(images, labels, global_batch, rows)
+
+
+class ArrayFeed:
+  """An in-memory run's input: the training set on every device, sampled there.
+
+  What the host hands over per dispatch (`fed`) is R's permutation of the
+  epoch, drawn once per epoch; every step of a stretch gathers, crops, flips
+  and mixes its rows on the devices (`batches.prepare_batch`), so whole
+  epochs run without the host.
+  """
+  on_device = True
+
+  def __init__(self, images, labels, mesh, members: bool, steps_per_epoch: int):
+    self.resident = (images, labels)
+    self.steps_per_epoch = steps_per_epoch
+    num_examples = len(labels)
+
+    def permutation(run_keys, epoch):
+      return sampling.epoch_permutation(run_keys.data, epoch, num_examples)
+
+    if members:  # K runs in one program: one permutation per run.
+      permutation = jax.vmap(permutation, in_axes=(0, None))
+    self._permutation = jax.jit(permutation, out_shardings=parallel.replicated(mesh))
+    self._epoch, self._value = None, None
+
+  def fed(self, step: int, run_keys):
+    """R's permutation of `step`'s epoch (computed once per epoch)."""
+    epoch = step // self.steps_per_epoch
+    if self._epoch != epoch:
+      self._value, self._epoch = self._permutation(run_keys, epoch), epoch
+    return self._value
+
+  @staticmethod
+  def batch(resident, fed, step, key, cfg) -> dict:
+    return batches.prepare_batch(*resident, step, key, fed, cfg)
 
 
 def padded_batches(images: np.ndarray, labels: np.ndarray, global_batch: int,
@@ -132,162 +181,6 @@ def get_info(name: str) -> DatasetInfo:
   if name not in DATASETS:
     raise ConfigError(f"dataset.name={name!r} is unknown; allowed: {sorted(DATASETS)}.")
   return DATASETS[name]
-
-
-def candidate_paths(info: DatasetInfo, data_file: str = "") -> list:
-  """Offline file locations, in the order they are tried."""
-  paths = []
-  if data_file:
-    paths.append(pathlib.Path(data_file).expanduser())
-  if info.offline_file:
-    if os.environ.get("LT_CALIB_DATA_DIR"):
-      paths.append(pathlib.Path(os.environ["LT_CALIB_DATA_DIR"]) / info.offline_file)
-    paths.append(storage.REPO_ROOT / "data" / info.offline_file)
-    paths.append(storage.SHARED_DATA_DIR / info.offline_file)
-  return paths
-
-
-NPZ_FORMAT = "../shared/data/README.md"
-REQUIRED_ARRAYS = ("train_jpeg", "train_offsets", "train_labels", "test_jpeg",
-                   "test_offsets", "test_labels")
-
-
-def _one_line(error) -> str:
-  # Library messages may span lines; a UserError message is one line.
-  return " ".join(str(error).split())
-
-
-def _missing_data_message(name, paths):
-  tried = "; ".join(str(p) for p in paths) or "(no offline file for this dataset)"
-  return (f"no offline data file for dataset {name!r}; tried: {tried}. Put the .npz "
-          f"file (format: {NPZ_FORMAT}) in one of these places, point "
-          "dataset.data_file or $LT_CALIB_DATA_DIR at it, or use "
-          "dataset.source='tfds' on a machine with a network.")
-
-
-def read_npz(path: pathlib.Path) -> dict:
-  """Loads an offline archive, never unpickling, with a one-line error if broken.
-
-  Args:
-    path: the `.npz` file.
-
-  Returns:
-    dict of every array of the archive.
-
-  Raises:
-    MissingDataError: `path` does not exist.
-    DataError: `path` is not an .npz archive, is truncated or corrupt, holds
-      pickled (object) arrays, or lacks one of REQUIRED_ARRAYS.
-  """
-  path = pathlib.Path(path)
-  fix = (f"replace it with a fresh copy (format: {NPZ_FORMAT}) or point "
-         "dataset.data_file at another file")
-  try:
-    with open(path, "rb") as f:
-      magic = f.read(4)
-  except FileNotFoundError as e:
-    raise MissingDataError(f"offline data file {path} does not exist.") from e
-  except OSError as e:
-    raise DataError(f"cannot read offline data file {path}: {e.strerror or e}.") from e
-  # A zip (so an .npz) opens with a local file header, or the end record if
-  # empty; a truncated copy keeps its header but loses the central directory.
-  if magic not in (b"PK\x03\x04", b"PK\x05\x06"):
-    what = "it is empty" if not magic else "it has no zip header"
-    raise DataError(f"{path} is not an .npz archive ({what}); {fix}.")
-  try:
-    with np.load(path, allow_pickle=False) as archive:
-      missing = [k for k in REQUIRED_ARRAYS if k not in archive.files]
-      if missing:
-        raise DataError(f"{path} lacks the arrays {missing} (it has "
-                        f"{sorted(archive.files)}); {fix}.")
-      arrays = {}
-      for key in archive.files:
-        try:
-          arrays[key] = archive[key]
-        except ValueError as e:
-          if "allow_pickle" not in str(e):
-            raise
-          # Unpickling can run arbitrary code, so object arrays stay unread.
-          raise DataError(f"{path} contains pickled (object) data in {key!r}, "
-                          f"which lt_calib never loads; {fix}.") from e
-      return arrays
-  except DataError:
-    raise
-  except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as e:
-    raise DataError(f"{path} is truncated or corrupt ({_one_line(e)}); {fix}.") from e
-
-
-def _check_split(archive: dict, split: str, path) -> None:
-  """Raises DataError unless a split's labels, offsets and JPEG bytes agree."""
-  labels, offsets = archive[f"{split}_labels"], archive[f"{split}_offsets"]
-  size = np.asarray(archive[f"{split}_jpeg"]).nbytes
-  ok = (labels.ndim == 1 and offsets.shape == (len(labels) + 1,)
-        and np.issubdtype(offsets.dtype, np.integer)
-        and (len(labels) == 0 or (offsets[0] >= 0 and offsets[-1] <= size
-                                  and np.all(np.diff(offsets) > 0))))
-  if not ok:
-    raise DataError(
-        f"{path}: {split}_offsets (shape {offsets.shape}) does not index "
-        f"{len(labels)} {split}_labels images in {split}_jpeg ({size} bytes); the "
-        f"file is corrupt or not in the format of {NPZ_FORMAT}.")
-
-
-def decode_jpegs(blob: np.ndarray, offsets: np.ndarray, indices: np.ndarray,
-                 image_size: int) -> np.ndarray:
-  """Decodes selected JPEGs of a concatenated blob to uint8 RGB [n, H, W, 3]."""
-  data = blob.tobytes()
-
-  def decode(i):
-    raw = data[offsets[i]:offsets[i + 1]]
-    try:
-      # convert('RGB'): a few Tiny-ImageNet images are grayscale.
-      image = np.asarray(Image.open(io.BytesIO(raw)).convert("RGB"))
-    except (OSError, SyntaxError) as e:  # What Pillow raises on broken bytes.
-      raise DataError(f"image {i} is not a readable JPEG ({type(e).__name__}); the "
-                      "file is corrupt: replace it with a fresh copy.") from e
-    if image.shape != (image_size, image_size, 3):
-      raise DataError(f"image {i} has shape {image.shape}, expected "
-                      f"{(image_size, image_size, 3)}: the file holds another "
-                      "dataset; check dataset.name and dataset.data_file.")
-    return image
-
-  # Pillow releases the GIL while decoding, so threads use every core.
-  with concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count()) as pool:
-    images = list(pool.map(decode, indices, chunksize=256))
-  return np.stack(images) if images else np.zeros((0, image_size, image_size, 3), np.uint8)
-
-
-def _cache_dir(cfg) -> pathlib.Path:
-  # Decoded CIFAR-sized arrays are read with np.load: a local folder.
-  path = storage.cache_dir(cfg)
-  if storage.is_remote(path):
-    raise ConfigError(f"dataset.cache_dir={str(path)!r}: decoded in-memory datasets are "
-                      "cached on a local disk; give a local folder or '' (the default).")
-  return pathlib.Path(path)
-
-
-def _decode_cached(path, archive, split, indices, info, cache_dir):
-  """Decodes (or loads from cache) the images `indices` of one split."""
-  stat = path.stat()
-  key = hashlib.sha1(
-      f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}:{split}".encode()
-      + np.ascontiguousarray(indices).tobytes()).hexdigest()[:16]
-  cache_file = cache_dir / f"{path.stem}_{split}_{key}.npy"
-  if cache_file.exists():
-    try:
-      return np.load(cache_file, allow_pickle=False)
-    except (OSError, ValueError) as e:  # A half-written cache is rebuilt.
-      logging.warning("ignoring unreadable cache %s: %s", cache_file, e)
-  try:
-    images = decode_jpegs(archive[f"{split}_jpeg"], archive[f"{split}_offsets"],
-                          indices, info.image_size)
-  except DataError as e:
-    raise DataError(f"{path}, {split} split: {e}") from e
-  cache_dir.mkdir(parents=True, exist_ok=True)
-  tmp = cache_file.with_suffix(f".tmp{os.getpid()}.npy")
-  np.save(tmp, images, allow_pickle=False)
-  os.replace(tmp, cache_file)  # Atomic: concurrent runs never read half a file.
-  return images
 
 
 def train_indices(info: DatasetInfo, labels: np.ndarray, cfg) -> np.ndarray:
@@ -323,18 +216,18 @@ def _check_labels(labels, num_classes, what, source):
 
 
 def _load_offline(path, info, cfg):
-  archive = read_npz(path)
+  archive = offline.read_npz(path)
   for split in ("train", "test"):
-    _check_split(archive, split, path)
+    offline.check_split(archive, split, path)
   train_labels = archive["train_labels"].astype(np.int64)
   test_labels = archive["test_labels"].astype(np.int64)
   _check_labels(train_labels, info.num_classes, "training", path)
   _check_labels(test_labels, info.num_classes, "test", path)
   train_idx = train_indices(info, train_labels, cfg)
   test_idx = test_indices(test_labels, info.num_classes, cfg.test_subset)
-  cache_dir = _cache_dir(cfg)
-  train_images = _decode_cached(path, archive, "train", train_idx, info, cache_dir)
-  test_images = _decode_cached(path, archive, "test", test_idx, info, cache_dir)
+  cache_dir = offline.cache_dir(cfg)
+  train_images = offline.decode_cached(path, archive, "train", train_idx, info, cache_dir)
+  test_images = offline.decode_cached(path, archive, "test", test_idx, info, cache_dir)
   return (train_images, train_labels[train_idx], test_images,
           test_labels[test_idx], f"offline:{path}")
 
@@ -386,29 +279,29 @@ def load_dataset(cfg) -> Dataset:
   info = get_info(cfg.name)
   if info.streaming:
     raise ConfigError(f"dataset.name={cfg.name!r} is streamed from split lists, not held "
-                      "in memory: load it with lt_calib.data.pipeline.load_streaming_dataset.")
+                      "in memory: load it with lt_calib.data.streaming.load_streaming_dataset.")
   if cfg.num_classes != info.num_classes:
     raise ConfigError(f"dataset.num_classes={cfg.num_classes} disagrees with "
                       f"{cfg.name!r}, which has {info.num_classes} classes.")
   if cfg.source not in SOURCES:
     raise ConfigError(f"dataset.source={cfg.source!r} is unknown; allowed: {SOURCES}.")
-  paths = candidate_paths(info, cfg.get("data_file", ""))
+  paths = offline.candidate_paths(info, cfg.get("data_file", ""))
   found = next((p for p in paths if p.is_file()), None)
   if cfg.get("data_file") and found != paths[0]:
     where = "" if str(paths[0]) == cfg.data_file else f" ({paths[0]})"
     raise MissingDataError(
         f"dataset.data_file={cfg.data_file!r} does not exist{where}; fix the path to "
-        f"the .npz file (format: {NPZ_FORMAT}), or set dataset.data_file='' to "
+        f"the .npz file (format: {offline.NPZ_FORMAT}), or set dataset.data_file='' to "
         "search the default places.")
   if cfg.source == "offline" and found is None:
-    raise MissingDataError(_missing_data_message(cfg.name, paths))
+    raise MissingDataError(offline.missing_data_message(cfg.name, paths))
   if cfg.source == "tfds" and info.tfds_name is None:
     raise ConfigError(f"dataset.source='tfds': dataset {cfg.name!r} has no TFDS "
                       "source; use dataset.source='offline' or 'auto' with its "
                       "offline file.")
   if cfg.source == "tfds" or found is None:
     if info.tfds_name is None:
-      raise MissingDataError(_missing_data_message(cfg.name, paths))
+      raise MissingDataError(offline.missing_data_message(cfg.name, paths))
     arrays = _load_tfds(cfg.name, info, cfg)
   else:
     arrays = _load_offline(found, info, cfg)
@@ -416,7 +309,7 @@ def load_dataset(cfg) -> Dataset:
   prior = long_tail.class_prior(train_labels, info.num_classes,
                                 cfg.get("zero_count_smoothing", 0.0))
   return Dataset(train_images, train_labels.astype(np.int32), test_images,
-                 test_labels.astype(np.int32), info, prior, source)
+                 test_labels.astype(np.int32), info, prior, source, config=cfg)
 
 
 def validation_indices(labels: np.ndarray, kept_train_indices: np.ndarray,
@@ -467,29 +360,15 @@ def load_validation_split(cfg, per_class: int, seed: int = 0) -> tuple:
     (uint8 images [n, H, W, 3], int32 labels [n]).
   """
   info = get_info(cfg.name)
-  paths = candidate_paths(info, cfg.get("data_file", ""))
-  found = next((p for p in paths if p.is_file()), None)
+  paths = offline.candidate_paths(info, cfg.get("data_file", ""))
+  found = offline.find_file(info, cfg.get("data_file", ""))
   if found is None or cfg.get("source", "auto") == "tfds":
     raise MissingDataError("the validation split needs the offline data file: "
-                           + _missing_data_message(cfg.name, paths))
-  archive = read_npz(found)
+                           + offline.missing_data_message(cfg.name, paths))
+  archive = offline.read_npz(found)
   labels = archive["train_labels"].astype(np.int64)
   index = validation_indices(labels, train_indices(info, labels, cfg), per_class, seed)
-  images = _decode_cached(found, archive, "train", index, info, _cache_dir(cfg))
+  images = offline.decode_cached(found, archive, "train", index, info, offline.cache_dir(cfg))
   return images, labels[index].astype(np.int32)
 
 
-def load_class_names(cfg) -> Optional[list]:
-  """Class names stored in the offline file (`class_names`), else None."""
-  info = get_info(cfg.name)
-  found = next((p for p in candidate_paths(info, cfg.get("data_file", ""))
-                if p.is_file()), None)
-  if found is None:
-    return None
-  try:
-    with np.load(found, allow_pickle=False) as archive:  # Reads only this key.
-      if "class_names" in archive.files:
-        return [str(n) for n in archive["class_names"]]
-  except (OSError, ValueError, zipfile.BadZipFile):
-    pass
-  return None

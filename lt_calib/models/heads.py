@@ -70,3 +70,32 @@ def logit_scale(model_cfg) -> float:
   return 1.0
 
 
+def pool_and_classify(x, num_classes: int, head: str, head_scale: float, dtype, kernel_init):
+  """Global average pooling, then the head `head`: float32 logits [B, C].
+
+  Called inside a Flax module's compact `__call__`, so the head becomes one
+  of its submodules.
+  """
+  x = jnp.mean(x, axis=(1, 2))
+  x = get_head(head)(num_classes, head_scale, dtype, kernel_init)(x)
+  return x.astype(jnp.float32)
+
+
+class Classifier(nn.Module):
+  """The fields every classifier of the library has (model.* of the config).
+
+  Attributes:
+    num_classes: output logits.
+    depth: layers (each model says which it accepts).
+    width: channels of the first stage.
+    dtype: computation dtype (parameters and BatchNorm statistics stay
+      float32; logits are returned as float32).
+    head: key of HEADS ('linear' or 'normalized').
+    head_scale: s of the normalised head.
+  """
+  num_classes: int
+  depth: int
+  width: int
+  dtype: Any = jnp.float32
+  head: str = "linear"
+  head_scale: float = 30.0

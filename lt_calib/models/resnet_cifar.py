@@ -22,7 +22,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from lt_calib import mixing
+from lt_calib.method import mixing
 from lt_calib.models import heads
 
 # Kaiming-normal (fan-in, gain sqrt 2), untruncated like torch's kaiming_normal_.
@@ -89,24 +89,15 @@ class BasicBlock(nn.Module):
     return materialize_relu(nn.relu(y + shortcut))
 
 
-class ResNetCifar(nn.Module):
+class ResNetCifar(heads.Classifier):
   """CIFAR ResNet of depth 6n+2.
 
-  Attributes:
-    num_classes: output logits.
-    depth: 6n+2 (20, 32, 44, 56, 110; 8 for tests).
-    width: channels of the first stage (16 in the paper); stages use
-      width, 2 width, 4 width.
-    dtype: computation dtype (parameters stay float32).
-    head: key of heads.HEADS ('linear' or 'normalized').
-    head_scale: s of the normalised head.
+  `depth` is 6n+2 (20, 32, 44, 56, 110; 8 for tests); the stages have
+  width, 2 width and 4 width channels (width 16 in the paper). The other
+  fields are heads.Classifier's.
   """
-  num_classes: int
   depth: int = 32
   width: int = 16
-  dtype: Any = jnp.float32
-  head: str = "linear"
-  head_scale: float = 30.0
 
   @nn.compact
   def __call__(self, x, train: bool = True, mix: mixing.HiddenMix | None = None):
@@ -124,11 +115,6 @@ class ResNetCifar(nn.Module):
       for block in range(blocks):
         strides = 2 if stage > 0 and block == 0 else 1
         x = BasicBlock(self.width * 2 ** stage, strides, self.dtype)(x, train)
-      if mix is not None:
-        # Sown so tests can see the state each layer hands on.
-        self.sow("intermediates", f"stage{stage + 1}_input_to_mix", x)
-      x = mixing.mix_hidden(x, mix, stage + 1)
-    x = jnp.mean(x, axis=(1, 2))
-    make_head = heads.get_head(self.head)
-    x = make_head(self.num_classes, self.head_scale, self.dtype, kaiming_normal)(x)
-    return x.astype(jnp.float32)
+      x = mixing.mix_after_stage(self, x, mix, stage)
+    return heads.pool_and_classify(x, self.num_classes, self.head, self.head_scale,
+                                   self.dtype, kaiming_normal)

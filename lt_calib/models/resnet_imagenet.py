@@ -26,7 +26,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from lt_calib import mixing
+from lt_calib.method import mixing
 from lt_calib.errors import ConfigError
 from lt_calib.models import heads
 from lt_calib.models.resnet_cifar import kaiming_normal
@@ -110,26 +110,16 @@ class Bottleneck(nn.Module):
     return nn.relu(y + _shortcut(x, out, self.strides, conv, norm))
 
 
-class ResNetImageNet(nn.Module):
+class ResNetImageNet(heads.Classifier):
   """ImageNet ResNet of depth 10, 18, 34, 50, 101 or 152.
 
-  Attributes:
-    num_classes: output logits.
-    depth: a key of STAGE_BLOCKS (10 and 50 in the paper's Table 3).
-    width: channels of the stem and of the first stage's 3x3 convolutions
-      (64 standard); stages use width * (1, 2, 4, 8), times 4 at the output
-      of a Bottleneck.
-    dtype: computation dtype (parameters and BatchNorm statistics stay
-      float32; logits are returned as float32).
-    head: key of heads.HEADS ('linear' or 'normalized').
-    head_scale: s of the normalised head.
+  `depth` is a key of STAGE_BLOCKS (10 and 50 in the paper's Table 3);
+  `width` is the channels of the stem and of the first stage's 3x3
+  convolutions (64 standard), the stages using width * (1, 2, 4, 8), times 4
+  at the output of a Bottleneck. The other fields are heads.Classifier's.
   """
-  num_classes: int
   depth: int = 50
   width: int = 64
-  dtype: Any = jnp.float32
-  head: str = "linear"
-  head_scale: float = 30.0
 
   @nn.compact
   def __call__(self, x, train: bool = True, mix: mixing.HiddenMix | None = None):
@@ -158,11 +148,6 @@ class ResNetImageNet(nn.Module):
         strides = 2 if stage > 0 and block == 0 else 1
         x = block_cls(self.width * 2 ** stage, strides, self.dtype,
                       name=f"stage{stage + 1}_block{block}")(x, train)
-      if mix is not None:
-        # Sown so tests can see the state each layer hands on.
-        self.sow("intermediates", f"stage{stage + 1}_input_to_mix", x)
-      x = mixing.mix_hidden(x, mix, stage + 1)
-    x = jnp.mean(x, axis=(1, 2))
-    make_head = heads.get_head(self.head)
-    x = make_head(self.num_classes, self.head_scale, self.dtype, kaiming_normal)(x)
-    return x.astype(jnp.float32)
+      x = mixing.mix_after_stage(self, x, mix, stage)
+    return heads.pool_and_classify(x, self.num_classes, self.head, self.head_scale,
+                                   self.dtype, kaiming_normal)

@@ -5,7 +5,7 @@
 A real TPU slice builds its mesh in physical order, which interleaves the
 processes along the data axis; CPU devices come ordered by process. This
 driver builds the mesh in either order and hands it to
-`train.train_and_evaluate`, so the multi-process tests exercise the
+`trainer.train_and_evaluate`, so the multi-process tests exercise the
 interleaved layout on localhost.
 """
 
@@ -18,6 +18,7 @@ from lt_calib import main as main_module  # Defines the trainer's flags.
 
 flags.DEFINE_enum("mesh_order", "interleaved", ["contiguous", "interleaved"],
                   "contiguous: devices by process; interleaved: p0d0, p1d0, p0d1, ...")
+flags.DEFINE_bool("synthetic", False, "Train on tests/helpers.py's synthetic dataset.")
 FLAGS = flags.FLAGS
 
 
@@ -35,14 +36,19 @@ def mesh_devices(order: str):
 def main(argv):
   del argv
   cli.quiet_libraries()
-  from lt_calib import distributed, parallel, train  # pylint: disable=g-import-not-at-top
+  from lt_calib import distributed, parallel  # pylint: disable=g-import-not-at-top
+  from lt_calib.train import trainer  # pylint: disable=g-import-not-at-top
+  if FLAGS.synthetic:
+    from lt_calib import data  # pylint: disable=g-import-not-at-top
+    from tests import helpers  # pylint: disable=g-import-not-at-top
+    data.load = lambda cfg: helpers.synthetic_dataset()
   distributed.initialize(FLAGS.distributed, FLAGS.coordinator_address,
                          FLAGS.num_processes, FLAGS.process_id)
   mesh = parallel.make_mesh(mesh_devices(FLAGS.mesh_order))
-  result = train.train_and_evaluate(FLAGS.config, FLAGS.workdir, stop_at_step=FLAGS.stop_at_step,
+  result = trainer.train_and_evaluate(FLAGS.config, FLAGS.workdir, stop_at_step=FLAGS.stop_at_step,
                                     mesh=mesh)
   if result.get("reason") == "preempted":
-    sys.exit(train.PREEMPTED_EXIT_STATUS)
+    sys.exit(trainer.PREEMPTED_EXIT_STATUS)
 
 
 if __name__ == "__main__":

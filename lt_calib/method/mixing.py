@@ -223,6 +223,17 @@ def mix_hidden(hidden: jax.Array, mix: HiddenMix | None, layer: int) -> jax.Arra
   return jnp.where(mix.layer == layer, mixed, hidden)
 
 
+def mix_after_stage(module, hidden: jax.Array, mix: HiddenMix | None, stage: int):
+  """What stage `stage` (0-based) of a ResNet hands on: its output, maybe mixed.
+
+  With manifold mixup the output is also sown (`intermediates`) so tests can
+  see the state each layer hands on.
+  """
+  if mix is not None:
+    module.sow("intermediates", f"stage{stage + 1}_input_to_mix", hidden)
+  return mix_hidden(hidden, mix, stage + 1)
+
+
 def mixed_loss(per_example_loss: Callable[[jax.Array, jax.Array], jax.Array],
                logits: jax.Array, labels_i: jax.Array, labels_j: jax.Array,
                weight_i: jax.Array) -> jax.Array:

@@ -121,18 +121,73 @@ def class_level_sample(key: jax.Array, index: ClassIndex, log_class_probs: jax.A
   return index.order[index.start[classes] + offset]
 
 
+def batch_indices(key: jax.Array, step, permutation, class_index: ClassIndex,
+                  main_log_probs, partner_log_probs, batch_size: int,
+                  steps_per_epoch: int) -> tuple:
+  """The training rows of one global batch: its main batch and its R* partners.
+
+  The one law of which images a step uses, for data held on the devices
+  (traced inside the step) and for streamed data (run on the host by
+  lt_calib.data.index_sequence): the same key gives the same rows.
+
+  Args:
+    key: the step's batch key. Its split(3)[0] draws the partners, and
+      fold_in(key, 3) the class-level main batch (a key beside the split, so
+      the default sampler's stream is kept).
+    step: global step.
+    permutation: R's permutation of the step's epoch (`epoch_permutation`).
+    class_index: ClassIndex of the training labels.
+    main_log_probs: [C] log class probabilities of a class-level main
+      sampler, or None for R.
+    partner_log_probs: [C] log P_inv of R* (Eq. 9), or None: no partner batch.
+    batch_size: B.
+    steps_per_epoch: N // B.
+
+  Returns:
+    (int32 [B] main rows, int32 [B] partner rows or None).
+  """
+  partner_key = jax.random.split(key, 3)[0]
+  if main_log_probs is None:
+    main = permutation_slice(permutation, step, batch_size, steps_per_epoch)
+  else:
+    main = class_level_sample(jax.random.fold_in(key, 3), class_index, main_log_probs,
+                              batch_size)
+  partner = None if partner_log_probs is None else class_level_sample(
+      partner_key, class_index, partner_log_probs, batch_size)
+  return main, partner
+
+
+class RunKeys(NamedTuple):
+  """A run's keys, all from `jax.random.key(seed)`.
+
+  They enter the step as arguments, not constants, so runs that differ only
+  in the seed compile to one program.
+  """
+  init: jax.Array  # Initial parameters.
+  data: jax.Array  # R's epoch permutations (the epoch number folded in).
+  step: jax.Array  # Folded with the global step: batch rows, augmentation, mixing.
+
+  @classmethod
+  def from_seed(cls, seed: int) -> "RunKeys":
+    return cls(*jax.random.split(jax.random.key(seed), 3))
+
+  def step_keys(self, step) -> tuple:
+    """(batch key, mix key) of global step `step`."""
+    return tuple(jax.random.split(jax.random.fold_in(self.step, step)))
+
+
 def in_batch_partners(key: jax.Array, labels: jax.Array, log_counts: jax.Array,
-                      tau: float) -> jax.Array:
+                      exponent) -> jax.Array:
   """Official-code pairing: partner of each sample drawn within the batch.
 
   Args:
     key: PRNG key.
     labels: int [B] labels of the batch.
     log_counts: [C] log n_c of the training set.
-    tau: exponent; weight of batch element k is n_{y_k}^tau.
+    exponent: batch element k is drawn with weight n_{y_k}^exponent.
 
   Returns:
     int32 [B] positions in the batch (with replacement).
   """
-  logits = tau * log_counts[labels]
+  logits = exponent * log_counts[labels]
   return jax.random.categorical(key, logits, shape=labels.shape).astype(jnp.int32)

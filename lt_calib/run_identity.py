@@ -133,3 +133,12 @@ def write(workdir, config, identity: dict, changes: dict, step: int) -> dict:
   storage.write_text(workdir / "config.json", config.to_json_best_effort(indent=2))
   storage.write_text(workdir / "run.json", json.dumps(record, indent=2, sort_keys=True) + "\n")
   return record
+
+
+def open_workdir(workdir) -> epath.Path:
+  """The workdir as a path, created if needed (local folders checked first)."""
+  workdir = storage.as_path(workdir)
+  if not storage.is_remote(workdir) and workdir.exists() and not workdir.is_dir():
+    raise WorkdirError(f"--workdir={workdir} is a file, not a folder; choose a folder.")
+  workdir.mkdir(parents=True, exist_ok=True)
+  return workdir

@@ -1,0 +1,1 @@
+"""Experiments: grids of runs (presets, the runner) and their comparison tables."""
