@@ -77,7 +77,10 @@ def make_manager(workdir, max_to_keep: int | None, read_only: bool = False,
   options = ocp.CheckpointManagerOptions(
       max_to_keep=None if read_only else max_to_keep, create=not read_only,
       save_interval_steps=save_interval_steps)
-  return ocp.CheckpointManager(directory, options=options)
+  # The handler named up front: reading only the metadata then needs no
+  # restore first (Orbax warns about an item it has no handler for).
+  return ocp.CheckpointManager(directory, options=options,
+                               item_handlers={STATE: ocp.StandardCheckpointHandler()})
 
 
 def save(manager, step: int, state, extra_meta: dict | None = None,
