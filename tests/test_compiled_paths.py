@@ -11,6 +11,7 @@ import json
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from lt_calib import checkpointing, parallel
 from lt_calib import data as data_lib
@@ -32,6 +33,7 @@ def trees_equal(a, b):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
+@pytest.mark.slow
 def test_compiled_epoch_equals_the_step_loop():
   dataset = synthetic_dataset()
   config = synthetic_config(mix__name="unimix", steps_per_dispatch=6)
@@ -55,6 +57,7 @@ def test_compiled_epoch_equals_the_step_loop():
   assert int(whole.step) == int(state.step) == 6 and buffer["loss"].shape == (6,)
 
 
+@pytest.mark.slow
 def test_a_run_in_compiled_chunks_equals_the_step_loop_bit_for_bit(tmp_path, monkeypatch):
   # 11 steps an epoch as two chunks of 4 and 3 single steps; a stop asked at
   # step 7 comes at the end of its chunk (8), so the resumed run runs every
@@ -84,6 +87,7 @@ def test_a_run_in_compiled_chunks_equals_the_step_loop_bit_for_bit(tmp_path, mon
   trees_close(a["params"], b["params"], rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_vmapped_runs_equal_their_separate_runs(tmp_path, monkeypatch):
   # The separable synthetic set keeps this fast: XLA:CPU runs vmapped
   # convolutions (one kernel per member) several times slower than K single
@@ -121,6 +125,7 @@ def test_configs_differing_in_more_than_seeds_do_not_share_a_program():
   assert population.can_share_program([tiny_config(), tiny_config(mix__alpha=0.8, seed=3)])
 
 
+@pytest.mark.slow
 def test_bfloat16_accuracy_is_within_tolerance_of_float32(tmp_path, monkeypatch):
   # The same run (data, seed, schedule) with bfloat16 compute. bfloat16 keeps
   # 8 bits of mantissa (relative rounding 2^-9 ~ 0.2 % per operation), so

@@ -85,6 +85,7 @@ def test_unknown_dataset_and_source():
     sources.load_dataset(config.dataset)
 
 
+@pytest.mark.slow
 def test_tfds_source_with_mock_data(monkeypatch):
   tfds = pytest.importorskip("tensorflow_datasets")
   # CIFAR-10 with a 20-image head class, so mock data of 400 examples suffices.

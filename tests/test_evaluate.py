@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 
 from lt_calib import evaluate
-from lt_calib.train import trainer
 from lt_calib.calibration import posthoc, report
 from lt_calib.data import long_tail, sources
 from tests.conftest import REPO
@@ -84,17 +83,10 @@ def test_label_shift_rows_and_table():
   assert text.count("| Bayias trained for pi' |") == 3  # One line a table.
 
 
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory, cifar10_file):
-  del cifar10_file
-  workdir = tmp_path_factory.mktemp("tiny_run")
-  summary = trainer.train_and_evaluate(tiny_config(), str(workdir))
-  return workdir, summary
-
-
-def test_evaluate_cli_writes_every_picture_and_tables(tiny_run):
+@pytest.mark.slow
+def test_evaluate_cli_writes_every_picture_and_tables(tiny_run, tmp_path):
   workdir, summary = tiny_run
-  out = workdir / "eval"
+  out = tmp_path / "eval"
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   result = subprocess.run(
       [sys.executable, "-m", "lt_calib.evaluate", f"--workdir={workdir}",
@@ -119,6 +111,7 @@ def test_evaluate_cli_writes_every_picture_and_tables(tiny_run):
   assert result["temperature"]["val_count_per_class"] == [0] + [10] * 9
 
 
+@pytest.mark.slow
 def test_training_report_call(tiny_run, tmp_path):
   """The call the end of training makes, with temperature scaling configured."""
   workdir, _ = tiny_run
@@ -134,6 +127,7 @@ def test_training_report_call(tiny_run, tmp_path):
     evaluate.load_run(workdir, checkpoint=7, test_subset=200)
 
 
+@pytest.mark.slow
 def test_single_shifted_test_prior_from_an_earlier_checkpoint(tiny_run, tmp_path):
   workdir, _ = tiny_run  # 12 steps an epoch: checkpoints 12 and 24.
   result = evaluate.evaluate_workdir(workdir, checkpoint=12, test_rhos=[0.1],

@@ -114,6 +114,7 @@ def test_cells_apply_presets_and_every_variant_is_valid():
     table4.get_config("fast")
 
 
+@pytest.mark.slow
 def test_smoke_grid_end_to_end(tmp_path, cifar10_file):
   # Two of the :smoke grid's cells (the normalised head, DRW, a mixing method
   # and both deltas) keep this test short; the CLI runs all twelve.

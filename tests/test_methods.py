@@ -311,6 +311,7 @@ def separable():
   return synthetic_dataset()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(SMOKE_RUNS))
 def test_method_trains_on_a_separable_set(name, separable):
   config = synthetic_config(**SMOKE_RUNS[name])

@@ -150,6 +150,7 @@ def test_eval_positions_pad_with_minus_one():
 # tf.data batches.
 # ---------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_train_batches_follow_the_index_sequence(dataset, fake_root):
   counts = list_counts(fake_root / "ImageNet_LT_train.txt", 12)
   assert np.array_equal(dataset.prior.counts, counts)

@@ -52,6 +52,7 @@ def list_counts(path):
   return [counts.get(c, 0) for c in range(CLASSES)]
 
 
+@pytest.mark.slow
 def test_streamed_run_counts_and_resumes_exactly(tmp_path, fake_root):
   config = streamed_config(fake_root)
   whole = trainer.train_and_evaluate(config, str(tmp_path / "whole"))

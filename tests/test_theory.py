@@ -175,6 +175,7 @@ def test_unimix_mc_matches_exact_law_at_paper_alpha(pairing, tau):
       expected, rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_corollary2_middle_majority_holds_only_in_the_small_alpha_limit():
   ideal_peak = math.log(2) / lam(C, RHO)  # 1 + ln2/lambda in 1-based classes.
   small = theory.monte_carlo(COUNTS, "unimix", "random", alpha=0.01, num_pairs=PAIRS, seed=3)
@@ -187,6 +188,7 @@ def test_corollary2_middle_majority_holds_only_in_the_small_alpha_limit():
   assert paper.xi_aug[0] / paper.xi_aug.sum() < 0.8 * PI[0]
 
 
+@pytest.mark.slow
 def test_corollary3_tail_majority_for_tau_minus_one():
   small = theory.monte_carlo(COUNTS, "unimix", "sampler", tau=-1.0, alpha=0.01,
                              num_pairs=PAIRS, seed=5).xi_aug
@@ -208,6 +210,7 @@ def paper_eq10_vec(y):
   return np.array([paper_eq10(v, C, RHO, -1.0) for v in y])
 
 
+@pytest.mark.slow
 def test_in_batch_partner_class_follows_n_to_the_1_plus_tau():
   exact = theory.monte_carlo(COUNTS, "unimix", "in_batch", tau=0.0, num_pairs=PAIRS, seed=7)
   assert chi2_pvalue(exact.partner, PI) > 1e-3  # n^(1+0) = pi exactly.
