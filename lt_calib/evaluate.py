@@ -2,7 +2,8 @@
 
   python -m lt_calib.evaluate --workdir=DIR [--checkpoint=STEP] \
       [--test_rho=100,10,1,0.1,0.01] [--val_per_class=50] [--out=DIR] \
-      [--bayias_runs=100:DIR_A,0.01:DIR_B] [--compare_runs=DIR_C]
+      [--bayias_runs=100:DIR_A,0.01:DIR_B] [--compare_runs=DIR_C] \
+      [--test_prior=oracle,uniform,train,em,bbse,bcts_em]
 
 The model is rebuilt from DIR/config.json and the checkpoint restored; the
 logits of the FULL balanced test set are computed once (a smoke run's
@@ -17,7 +18,10 @@ log pi_ref, `posthoc.reference_log_prior`) for this run and each of
 --compare_runs, and, per rho' given in --bayias_runs, the raw
 logits of a model trained with Bayias against that rho' prior
 (`--config.loss.test_prior=$(python -c "from lt_calib.calibration import posthoc;
-print(posthoc.test_prior_spec(RHO, C))")`).
+print(posthoc.test_prior_spec(RHO, C))")`). With --test_prior, per rho' and
+prior the predictions under that prior, known or estimated from the
+unlabelled test set (calibration/prior_table.py): prior_estimation.md /
+.csv / .png.
 """
 
 import csv
@@ -35,7 +39,7 @@ import numpy as np
 
 from lt_calib import checkpointing, cli, compilation, evaluation, models, parallel, storage
 from lt_calib import data as data_lib
-from lt_calib.calibration import posthoc, report
+from lt_calib.calibration import posthoc, prior_table, report
 from lt_calib.calibration import summary as summary_lib
 from lt_calib.data import offline
 from lt_calib.errors import MissingDataError
@@ -63,6 +67,10 @@ def define_flags():
                     "for the rho' test prior (Table D2's 'Bayias' row).")
   flags.DEFINE_list("compare_runs", [], "Further WORKDIRs (same data) whose raw and "
                     "prior-corrected rows join the label-shift table.")
+  flags.DEFINE_list("test_prior", [], "Priors to predict under on each --test_rho set "
+                    f"(prior_estimation.md / .csv / .png), of {prior_table.PRIORS}: the "
+                    "true one, fixed ones, and ones estimated from the unlabelled test "
+                    "set (bbse, bcts_em need --val_per_class > 0).")
   flags.DEFINE_string("out", None, "Output folder; default: --workdir.")
 
 
@@ -226,10 +234,46 @@ def _check_bayias_run(run: Run, rho, n_per_class):
                     run.config.loss.get("test_prior"))
 
 
+def _write_csv(path, rows) -> None:
+  text = io.StringIO()
+  writer = csv.DictWriter(text, fieldnames=list(rows[0]))
+  writer.writeheader()
+  writer.writerows(rows)
+  storage.write_text(path, text.getvalue())
+
+
+def _label_shift_section(run, workdir, test_rhos, seed, bayias_runs, compare_runs,
+                         test_subset, out) -> tuple:
+  """label_shift.md / .csv of this run, --bayias_runs and --compare_runs: (rows, table)."""
+  labels, num_classes = run.dataset.test_labels, run.test_logits.shape[1]
+  bayias_logits = {}
+  n_per_class = int(np.bincount(labels, minlength=num_classes).min())
+  for rho, path in (bayias_runs or {}).items():
+    other = load_run(path, None, test_subset)
+    _check_bayias_run(other, rho, n_per_class)
+    bayias_logits[rho] = other.test_logits
+  others = [load_run(path, None, test_subset) for path in compare_runs]
+  rows = label_shift_rows(run, test_rhos, seed, bayias_logits, others)
+  description = "\n".join(
+      [f"Test sets resampled from the full test set with seed {seed} "
+       "(`posthoc.resample_test_set`). Prior correction: z + log pi' - log pi_ref, "
+       "pi_ref = pi_train for ce, pi_t = loss.test_prior (uniform: 1/C) for bayias.", ""]
+      + [f"- {run_name(r)}: {path} step {r.step}" for r, path in
+         [(run, workdir)] + list(zip(others, compare_runs))]
+      + [f"- Bayias trained for pi' (rho'={rho:g}): {path}"
+         for rho, path in (bayias_runs or {}).items()])
+  table = label_shift_markdown(rows, description)
+  storage.write_text(out / "label_shift.md",
+                     "# Test label shift (Table D2 protocol)\n\n" + table)
+  _write_csv(out / "label_shift.csv", rows)
+  return rows, table
+
+
 def evaluate_workdir(workdir, checkpoint=None, test_rhos=(1.0,), val_per_class=50,
                      out=None, test_subset=0, seed=0, bayias_runs=None,
-                     compare_runs=()) -> dict:
+                     compare_runs=(), test_priors=()) -> dict:
   """Everything the CLI does; returns what it writes to evaluation.json."""
+  prior_table.check_priors(test_priors, has_held_out=val_per_class > 0)  # Before any work.
   out = storage.as_path(out or workdir)
   out.mkdir(parents=True, exist_ok=True)
   run = load_run(workdir, checkpoint, test_subset)
@@ -258,32 +302,24 @@ def evaluate_workdir(workdir, checkpoint=None, test_rhos=(1.0,), val_per_class=5
   result = {"workdir": str(workdir), "checkpoint_step": run.step, "test_rho": main_rho,
             "num_test_images": len(idx), "resample_seed": seed}
   if len(test_rhos) > 1 or bayias_runs or compare_runs:
-    bayias_logits = {}
-    n_per_class = int(np.bincount(labels, minlength=num_classes).min())
-    for rho, path in (bayias_runs or {}).items():
-      other = load_run(path, None, test_subset)
-      _check_bayias_run(other, rho, n_per_class)
-      bayias_logits[rho] = other.test_logits
-    others = [load_run(path, None, test_subset) for path in compare_runs]
-    rows = label_shift_rows(run, test_rhos, seed, bayias_logits, others)
-    description = "\n".join(
-        [f"Test sets resampled from the full test set with seed {seed} "
-         "(`posthoc.resample_test_set`). Prior correction: z + log pi' - log pi_ref, "
-         "pi_ref = pi_train for ce, pi_t = loss.test_prior (uniform: 1/C) for bayias.", ""]
-        + [f"- {run_name(r)}: {path} step {r.step}" for r, path in
-           [(run, workdir)] + list(zip(others, compare_runs))]
-        + [f"- Bayias trained for pi' (rho'={rho:g}): {path}"
-           for rho, path in (bayias_runs or {}).items()])
-    table = label_shift_markdown(rows, description)
-    storage.write_text(out / "label_shift.md",
-                       "# Test label shift (Table D2 protocol)\n\n" + table)
-    text = io.StringIO()
-    writer = csv.DictWriter(text, fieldnames=list(rows[0]))
-    writer.writeheader()
-    writer.writerows(rows)
-    storage.write_text(out / "label_shift.csv", text.getvalue())
+    rows, table = _label_shift_section(run, workdir, test_rhos, seed, bayias_runs,
+                                       compare_runs, test_subset, out)
     extra.append(("Test label shift (label_shift.md)", table))
     result["label_shift"] = rows
+  if test_priors:
+    prior_table.check_priors(test_priors, has_held_out=validation is not None)
+    model = prior_table.Model(run.test_logits, labels, counts, log_ref, validation)
+    rows = prior_table.rows(model, test_rhos, test_priors, seed, config.calibration_bins)
+    table = prior_table.markdown(rows, (
+        "Predictions moved to each prior (calibration/prior_table.py); l1: the "
+        "estimate's L1 distance to the resampled set's true label proportions."))
+    storage.write_text(out / "prior_estimation.md",
+                       "# Unknown test prior: estimated from the test set\n\n" + table)
+    _write_csv(out / "prior_estimation.csv", rows)
+    from lt_calib.calibration import plots  # pylint: disable=g-import-not-at-top  # matplotlib.
+    plots.accuracy_against_test_rho(rows, out / "prior_estimation.png", title)
+    extra.append(("Estimated test priors (prior_estimation.md)", table))
+    result["prior_estimation"] = rows
   summary = report.write_report(out, logits, labels[idx], counts, config.calibration_bins,
                                 title, extra, temperature,
                                 offline.load_class_names(run.dataset.info, config.dataset),
@@ -306,7 +342,7 @@ def main(argv):
   result = evaluate_workdir(
       FLAGS.workdir, FLAGS.checkpoint, [float(r) for r in FLAGS.test_rho],
       FLAGS.val_per_class, FLAGS.out, FLAGS.test_subset, FLAGS.resample_seed,
-      _parse_runs(FLAGS.bayias_runs), FLAGS.compare_runs)
+      _parse_runs(FLAGS.bayias_runs), FLAGS.compare_runs, FLAGS.test_prior)
   s = result["summary"]
   print(f"step {result['checkpoint_step']} rho'={result['test_rho']:g}: top1 "
         f"{100 * s['top1']:.2f}% ECE {100 * s['ece']:.2f}% NLL {s['nll']:.4f}; report in "

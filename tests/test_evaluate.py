@@ -138,3 +138,33 @@ def test_single_shifted_test_prior_from_an_earlier_checkpoint(tiny_run, tmp_path
   assert "prior_corrected" in result and "label_shift" not in result
   assert "| metric | raw | prior-corrected |" in (tmp_path / "report.md").read_text()
   assert not (tmp_path / "label_shift.md").exists()
+
+
+@pytest.mark.slow
+def test_evaluate_cli_estimates_test_priors(tiny_run, tmp_path):
+  # Issue 19's command: a table and a plot, every cell finite.
+  workdir, _ = tiny_run
+  out = tmp_path / "priors"
+  result = subprocess.run(
+      [sys.executable, "-m", "lt_calib.evaluate", f"--workdir={workdir}",
+       "--test_rho=100,1,0.01", "--test_prior=oracle,uniform,em", "--val_per_class=0",
+       f"--out={out}"], cwd=REPO, env=dict(os.environ, JAX_PLATFORMS="cpu"),
+      capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert (out / "prior_estimation.png").stat().st_size > 0
+  with open(out / "prior_estimation.csv") as f:
+    rows = list(csv.DictReader(f))
+  assert [(r["prior"], float(r["test_rho"])) for r in rows] == [
+      (p, rho) for rho in (100.0, 1.0, 0.01) for p in ("oracle", "uniform", "em")]
+  for row in rows:
+    for key in ("top1", "mean_class_acc", "ece", "nll", "l1", "kl"):
+      assert np.isfinite(float(row[key])), (row["prior"], key)
+  assert all(float(r["l1"]) == 0.0 for r in rows if r["prior"] == "oracle")
+  table = (out / "prior_estimation.md").read_text()
+  assert table.count("| em |") == 4
+  refused = subprocess.run(
+      [sys.executable, "-m", "lt_calib.evaluate", f"--workdir={workdir}",
+       "--test_prior=bbse", "--val_per_class=0"], cwd=REPO,
+      env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True, text=True, timeout=300)
+  assert refused.returncode == 2
+  assert refused.stderr.splitlines()[-1].startswith("error: --test_prior=bbse needs")

@@ -251,3 +251,24 @@ def per_class_accuracy_plot(per_class_acc, train_counts, path, title="",
   ax.grid(True, which="both", alpha=0.3)
   ax.legend(loc="best", fontsize=8)
   _save(fig, path)
+
+
+def accuracy_against_test_rho(rows, path, title="") -> None:
+  """Top-1 against the test imbalance rho' (log axis), one line per prior.
+
+  Args:
+    rows: `prior_table.rows` (prior, test_rho, top1).
+    path: output PNG.
+    title: the picture's title.
+  """
+  fig, ax = plt.subplots(figsize=(6, 4))
+  for name in dict.fromkeys(r["prior"] for r in rows):
+    points = sorted((r["test_rho"], 100 * r["top1"]) for r in rows if r["prior"] == name)
+    ax.plot(*zip(*points), marker="o", label=name)
+  ax.set_xscale("log")
+  ax.set_xlabel("test imbalance rho' (> 1 long-tailed, < 1 reversed)")
+  ax.set_ylabel("top-1 (%)")
+  ax.set_title(title, fontsize=9)
+  ax.legend(fontsize=8)
+  ax.grid(alpha=0.3)
+  _save(fig, path)
