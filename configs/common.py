@@ -8,6 +8,7 @@ default to the values of its own paper.
 import ml_collections
 from ml_collections import config_dict
 
+from lt_calib.config_fields import set_fields
 from lt_calib.errors import ConfigError
 
 
@@ -136,19 +137,6 @@ def official_overrides(dataset: str, num_epochs: int) -> tuple:
   return (("mix.name", "unimix"), ("mix.pairing", "in_batch"), ("mix.alpha", 0.8),
           ("mix.tau", OFFICIAL_TAU[dataset]), ("mix.tau_units", "counts"),
           ("mix.stop_epoch", num_epochs), ("batch_size", 64))
-
-
-def set_fields(config: ml_collections.ConfigDict, overrides) -> ml_collections.ConfigDict:
-  """Sets each (dotted field, value) of `overrides` on `config`, in place."""
-  for dotted, value in overrides:
-    *parents, leaf = dotted.split(".")
-    node = config
-    for name in parents:
-      node = node[name]
-    if leaf not in node:
-      raise ConfigError(f"config has no field {dotted!r}; check the override's name.")
-    node[leaf] = value
-  return config
 
 
 def _official(config: ml_collections.ConfigDict) -> None:

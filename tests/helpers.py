@@ -10,6 +10,7 @@
 
 import numpy as np
 
+from lt_calib import config_fields
 from lt_calib.data import long_tail, sources
 
 
@@ -21,13 +22,24 @@ def tiny_config(**overrides):
   config.batch_size = 1024
   config.dataset.test_subset = 200
   config.log_every_steps = 4
-  for dotted, value in overrides.items():
-    node = config
-    *parents, leaf = dotted.split("__")
-    for name in parents:
-      node = node[name]
-    node[leaf] = value
-  return config
+  return override(config, **overrides)
+
+
+def override(config, **overrides):
+  """`config` with fields set from keyword arguments, `__` for the dots (mix__alpha=1)."""
+  return config_fields.set_fields(
+      config, [(dotted.replace("__", "."), value) for dotted, value in overrides.items()])
+
+
+FAKE_CLASSES = 12
+
+
+def build_fake_lists(root):
+  """A 12-class image-list dataset in the ImageNet-LT layout (lt_calib.data.fake) at root."""
+  from lt_calib.data import fake  # pylint: disable=g-import-not-at-top
+  fake.build(root, num_classes=FAKE_CLASSES, image_size="40x32", max_per_class=40,
+             min_per_class=4, val_per_class=2, test_per_class=5, seed=0)
+  return root
 
 
 COUNTS = (192, 96, 48, 24)

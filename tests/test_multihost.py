@@ -21,6 +21,7 @@ import pytest
 
 from lt_calib import checkpointing, storage
 from tests.conftest import REPO
+from tests.helpers import FAKE_CLASSES, build_fake_lists
 from tests.test_cli_runs import TINY, environment
 
 pytestmark = pytest.mark.slow
@@ -159,17 +160,13 @@ def records_of(summary) -> list:
   return records(pathlib.Path(summary["workdir"]) / "train_metrics.jsonl")
 
 
-CLASSES = 12
+CLASSES = FAKE_CLASSES
 
 
 @pytest.fixture(scope="module")
 def fake_lists(tmp_path_factory):
   """A 12-class image-list dataset in the ImageNet-LT layout (lt_calib.data.fake)."""
-  from lt_calib.data import fake  # pylint: disable=g-import-not-at-top
-  root = tmp_path_factory.mktemp("fake_imagenet_lt")
-  fake.build(root, num_classes=CLASSES, image_size="40x32", max_per_class=40,
-             min_per_class=4, val_per_class=2, test_per_class=5, seed=0)
-  return root
+  return build_fake_lists(tmp_path_factory.mktemp("fake_imagenet_lt"))
 
 
 def streamed_flags(root) -> list:

@@ -330,6 +330,15 @@ def test_missing_image_in_a_small_list_stops_at_load(tmp_path):
     streaming.load_streaming_dataset(cfg)
 
 
+def read_first_batches(data, split, train_batch):
+  """Reads the first training batch, or every evaluation batch, of a streamed dataset."""
+  if split == "train":
+    take(data.train_batches(seed=0, start_step=0, global_batch=train_batch,
+                            rows=np.arange(train_batch), laws=NO_CLASS_LAWS), 1)
+  else:
+    list(data.eval_batches(global_batch=4, rows=np.arange(4)))
+
+
 @pytest.mark.parametrize("split", ["train", "test"])
 def test_undecodable_jpeg_names_the_file(tmp_path, split):
   cfg = small_set(tmp_path)
@@ -337,11 +346,7 @@ def test_undecodable_jpeg_names_the_file(tmp_path, split):
   bad.write_bytes(bad.read_bytes()[:120])  # A JPEG cut short: header, no image data.
   data = streaming.load_streaming_dataset(cfg)
   with pytest.raises(DataError) as error:
-    if split == "train":
-      take(data.train_batches(seed=0, start_step=0, global_batch=6, rows=np.arange(6),
-                              laws=NO_CLASS_LAWS), 1)
-    else:
-      list(data.eval_batches(global_batch=4, rows=np.arange(4)))
+    read_first_batches(data, split, train_batch=6)
   message = str(error.value)
   assert f"cannot decode image {bad}" in message and "line 5" in message
   assert "\n" not in message and "{{" not in message
@@ -384,11 +389,7 @@ def test_missing_gs_image_stops_at_read_time_naming_it(tmp_path, gcs, split):
   fsspec.filesystem("gs").rm(f"{cfg.image_root}/c1/img3.JPEG")
   data = streaming.load_streaming_dataset(cfg)  # No up-front check on gs://.
   with pytest.raises(MissingDataError) as error:
-    if split == "train":
-      take(data.train_batches(seed=0, start_step=0, global_batch=8, rows=np.arange(8),
-                              laws=NO_CLASS_LAWS), 1)
-    else:
-      list(data.eval_batches(global_batch=4, rows=np.arange(4)))
+    read_first_batches(data, split, train_batch=8)
   message = str(error.value)
   assert (f"{cfg.image_root}/{split}.txt line 4 (c1/img3.JPEG): image "
           f"{cfg.image_root}/c1/img3.JPEG does not exist") in message

@@ -14,17 +14,14 @@ import pytest
 
 from configs import imagenet_lt
 from lt_calib.train import trainer
-from lt_calib.data import fake
+from tests.helpers import FAKE_CLASSES, build_fake_lists, override
 
-CLASSES = 12
+CLASSES = FAKE_CLASSES
 
 
 @pytest.fixture(scope="module")
 def fake_root(tmp_path_factory):
-  root = tmp_path_factory.mktemp("fake_imagenet_lt")
-  fake.build(root, num_classes=CLASSES, image_size="40x32", max_per_class=40,
-             min_per_class=4, val_per_class=2, test_per_class=5, seed=0)
-  return root
+  return build_fake_lists(tmp_path_factory.mktemp("fake_imagenet_lt"))
 
 
 def streamed_config(root, **overrides):
@@ -38,13 +35,7 @@ def streamed_config(root, **overrides):
   config.model.width = 4
   config.batch_size, config.eval_batch_size = 32, 16
   config.log_every_steps = 2
-  for dotted, value in overrides.items():
-    node = config
-    *parents, leaf = dotted.split("__")
-    for name in parents:
-      node = node[name]
-    node[leaf] = value
-  return config
+  return override(config, **overrides)
 
 
 def list_counts(path):

@@ -7,6 +7,7 @@ A grid config holds `base` (a full experiment config), `mixes` and `losses`
 
 from typing import Any, Dict, NamedTuple
 
+from lt_calib import config_fields
 from lt_calib.errors import ConfigError
 from lt_calib.method import mixing
 
@@ -111,22 +112,10 @@ def grid_cells(grid) -> list:
   return [Cell(m, l, int(s)) for m, l in grid_pairs(grid) for s in grid.seeds]
 
 
-def _set_field(config, dotted: str, value) -> None:
-  *parents, leaf = dotted.split(".")
-  node = config
-  for name in parents:
-    node = node[name]
-  if leaf not in node:
-    raise KeyError(f"config has no field {dotted!r}.")
-  node[leaf] = value
-
-
 def cell_config(grid, cell: Cell):
   """`grid.base` with the cell's mix, loss and seed applied (a new config)."""
   config = grid.base.copy_and_resolve_references()
   overrides = {**_grid_presets(grid, "mix_presets", MIX_PRESETS)[cell.mix],
                **_grid_presets(grid, "loss_presets", LOSS_PRESETS)[cell.loss],
                "seed": cell.seed}
-  for dotted, value in overrides.items():
-    _set_field(config, dotted, value)
-  return config
+  return config_fields.set_fields(config, overrides.items())
