@@ -75,21 +75,33 @@ def test_fingerprint_sees_every_bit():
   assert checkpointing.fingerprint(moved) != checkpointing.fingerprint(state)
 
 
+@pytest.fixture
+def synthetic_data(monkeypatch):
+  """Runs in this test load the separable synthetic set, whatever the config says."""
+  dataset = synthetic_dataset()
+  monkeypatch.setattr(data_lib, "load", lambda cfg: dataset)
+  return dataset
+
+
 @pytest.mark.slow
-def test_resumed_run_matches_uninterrupted(tmp_path, tiny_run):
-  whole, expected = tiny_run
+def test_resumed_run_matches_uninterrupted(tmp_path, synthetic_data):
+  # The step loop (steps_per_dispatch=1): a stop lands exactly where asked.
+  # Compiled chunks: test_compiled_paths.py; real data and processes:
+  # test_cli_runs.py.
+  config = synthetic_config(steps_per_dispatch=1)
+  expected = trainer.train_and_evaluate(config, str(tmp_path / "whole"))
   split = tmp_path / "split"
-  # Stopped mid-epoch (8 of 12 steps), as on preemption, then the same call.
-  stopped = trainer.train_and_evaluate(tiny_config(), str(split), stop_at_step=8)
-  assert stopped == {"stopped_at_step": 8, "reason": "stop_at_step"}
-  assert checkpointing.read_state_tree(split)[0] == 8
-  summary = trainer.train_and_evaluate(tiny_config(), str(split))
-  assert summary["resumed_from_step"] == 8 and summary["steps_this_run"] == 16
+  # Stopped mid-epoch (7 of 11 steps), as on preemption, then the same call.
+  stopped = trainer.train_and_evaluate(config, str(split), stop_at_step=7)
+  assert stopped == {"stopped_at_step": 7, "reason": "stop_at_step"}
+  assert checkpointing.read_state_tree(split)[0] == 7
+  summary = trainer.train_and_evaluate(config, str(split))
+  assert summary["resumed_from_step"] == 7 and summary["steps_this_run"] == 26
   assert summary["fingerprint"] == expected["fingerprint"]  # Bit for bit.
   assert summary["final"]["top1"] == expected["final"]["top1"]
   losses = lambda d: [json.loads(l)["loss"]
                       for l in (d / "train_metrics.jsonl").read_text().splitlines()]
-  assert losses(split) == losses(whole)  # One record per interval, none twice.
+  assert losses(split) == losses(tmp_path / "whole")  # One record per interval, none twice.
 
 
 def test_another_seed_starts_from_other_parameters():
@@ -100,14 +112,6 @@ def test_another_seed_starts_from_other_parameters():
             for seed in (0, 0, 1)]
   fingerprints = [checkpointing.fingerprint(s) for s in states]
   assert fingerprints[0] == fingerprints[1] != fingerprints[2]
-
-
-@pytest.fixture
-def synthetic_data(monkeypatch):
-  """Runs in this test load the separable synthetic set, whatever the config says."""
-  dataset = synthetic_dataset()
-  monkeypatch.setattr(data_lib, "load", lambda cfg: dataset)
-  return dataset
 
 
 @pytest.mark.slow
