@@ -100,3 +100,51 @@ def test_tfds_source_with_mock_data(monkeypatch):
   assert np.bincount(train_labels, minlength=10).tolist() == expected
   assert train_images.shape[1:] == (32, 32, 3) and train_images.dtype == np.uint8
   assert len(test_images) == 400 and source == "tfds:cifar10"
+
+
+@pytest.mark.slow
+def test_second_generation_copy_from_the_command_line(tmp_path):
+  # python -m lt_calib.data.degrade on a small archive of textured JPEGs
+  # (quality 75, as the stored CIFAR-10): the copy holds lossless PNGs, and the
+  # PSNR it reports is the one computed here from both files.
+  import json  # pylint: disable=g-import-not-at-top
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  from lt_calib.data import offline  # pylint: disable=g-import-not-at-top
+  from tests.conftest import REPO  # pylint: disable=g-import-not-at-top
+  rng = np.random.RandomState(0)
+
+  def pack(count):
+    blobs = []
+    for _ in range(count):
+      coarse = rng.randint(0, 256, (8, 8, 3)).astype(np.uint8)
+      image = np.asarray(Image.fromarray(coarse).resize((32, 32), Image.BILINEAR))
+      buffer = io.BytesIO()
+      Image.fromarray(image).save(buffer, "JPEG", quality=75)
+      blobs.append(buffer.getvalue())
+    offsets = np.cumsum([0] + [len(b) for b in blobs]).astype(np.int64)
+    return np.frombuffer(b"".join(blobs), np.uint8), offsets
+
+  src, out = tmp_path / "stored.npz", tmp_path / "gen2.npz"
+  arrays = {}
+  for split, count in (("train", 12), ("test", 6)):
+    arrays[f"{split}_jpeg"], arrays[f"{split}_offsets"] = pack(count)
+    arrays[f"{split}_labels"] = np.arange(count, dtype=np.int64) % 10
+  np.savez(src, class_names=np.array([str(i) for i in range(10)]), **arrays)
+  done = subprocess.run([sys.executable, "-m", "lt_calib.data.degrade", f"--src={src}",
+                         f"--out={out}", "--reference_pool="], cwd=REPO, capture_output=True,
+                        text=True, timeout=300)
+  assert done.returncode == 0, done.stderr[-2000:]
+  record = json.loads(out.with_suffix(".json").read_text())
+  stored, second = offline.read_npz(src), offline.read_npz(out)
+  decode = lambda a, split, n: offline.decode_jpegs(
+      a[f"{split}_jpeg"], a[f"{split}_offsets"], np.arange(n), 32).astype(np.float64)
+  for split, count in (("train", 12), ("test", 6)):
+    np.testing.assert_array_equal(second[f"{split}_labels"], stored[f"{split}_labels"])
+    mse = np.mean((decode(second, split, count) - decode(stored, split, count)) ** 2)
+    assert record["psnr_second_generation_vs_stored"][split] == pytest.approx(
+        10 * np.log10(255 ** 2 / mse), abs=1e-9)
+  # The shifted, coarser generation is further from the stored images than a
+  # same-grid, same-quality re-encode.
+  assert (record["psnr_second_generation_vs_stored"]["test"]
+          < record["psnr_same_grid_reencode_vs_stored_test"] - 5)

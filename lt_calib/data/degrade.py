@@ -28,7 +28,7 @@ from absl import app, flags
 import numpy as np
 from PIL import Image
 
-from lt_calib.data import sources
+from lt_calib.data import offline, sources
 
 # The quality the stored offline CIFAR-10 was encoded at (its README).
 STORED_QUALITY = 75
@@ -54,7 +54,7 @@ def decode_split(archive: dict, split: str) -> np.ndarray:
   size = np.asarray(Image.open(io.BytesIO(
       archive[f"{split}_jpeg"][archive[f"{split}_offsets"][0]:
                                archive[f"{split}_offsets"][1]].tobytes()))).shape[0]
-  return sources.decode_jpegs(archive[f"{split}_jpeg"], archive[f"{split}_offsets"],
+  return offline.decode_jpegs(archive[f"{split}_jpeg"], archive[f"{split}_offsets"],
                               np.arange(len(labels)), size)
 
 
@@ -71,8 +71,8 @@ def png_blob(images: np.ndarray) -> tuple:
 
 def clean_reference(pool_file, count: int = 2000) -> np.ndarray:
   """Near-clean 32 x 32 images: Tiny-ImageNet images averaged down 2 x 2."""
-  archive = sources.read_npz(pool_file)
-  images = sources.decode_jpegs(archive["train_jpeg"], archive["train_offsets"],
+  archive = offline.read_npz(pool_file)
+  images = offline.decode_jpegs(archive["train_jpeg"], archive["train_offsets"],
                                 np.arange(count), 64).astype(np.float64)
   small = images.reshape(count, 32, 2, 32, 2, 3).mean(axis=(2, 4))
   return np.clip(np.round(small), 0, 255).astype(np.uint8)
@@ -80,7 +80,7 @@ def clean_reference(pool_file, count: int = 2000) -> np.ndarray:
 
 def build(src, out, quality: int, shift: int, reference_pool=None) -> dict:
   """Writes the second generation of `src` to `out`; returns the PSNRs (dB)."""
-  archive = sources.read_npz(pathlib.Path(src))
+  archive = offline.read_npz(pathlib.Path(src))
   stored = {split: decode_split(archive, split) for split in ("train", "test")}
   second = {split: np.stack([jpeg_roundtrip(x, quality, shift) for x in images])
             for split, images in stored.items()}
@@ -109,7 +109,7 @@ FLAGS = flags.FLAGS
 
 
 def _define_flags():
-  flags.DEFINE_string("src", str(sources.candidate_paths(sources.get_info("cifar10"))[-1]),
+  flags.DEFINE_string("src", str(offline.candidate_paths(sources.get_info("cifar10"))[-1]),
                       "The stored offline .npz.")
   flags.DEFINE_string("out", "data/cifar10_jpeg_gen2.npz", "Where the copy goes.")
   flags.DEFINE_integer("quality", 35, "JPEG quality of the second generation (35: its "
@@ -117,7 +117,7 @@ def _define_flags():
                        "against near-clean ones, docs/results.md).")
   flags.DEFINE_integer("shift", 4, "Shift of the 8 x 8 grid, pixels (0-7).")
   flags.DEFINE_string("reference_pool",
-                      str(sources.candidate_paths(sources.get_info("tiny_imagenet_lt"))[-1]),
+                      str(offline.candidate_paths(sources.get_info("tiny_imagenet_lt"))[-1]),
                       "Tiny-ImageNet pool for the clean-proxy PSNR ('' to skip).")
 
 
