@@ -79,10 +79,17 @@ def write_text(path, text: str) -> None:
   tmp.replace(path)
 
 
-def _gcs_filesystem():
+# Seconds one Cloud Storage request may take before gcsfs gives up on it and
+# retries it (its retry rules): without a bound, a connection that never
+# answers stalls the read (or the tf.data worker waiting on it) for good.
+GCS_REQUEST_TIMEOUT_S = 120
+
+
+def gcs_filesystem():
+  """The gcsfs client every gs:// read and append of the library goes through."""
   try:
     import fsspec  # pylint: disable=g-import-not-at-top
-    return fsspec.filesystem("gs")
+    return fsspec.filesystem("gs", requests_timeout=GCS_REQUEST_TIMEOUT_S)
   except ImportError as e:
     raise MissingDependencyError("gs:// paths need gcsfs: pip install -e '.[gcs]'.") from e
 
@@ -103,7 +110,7 @@ def append_text(path, text: str) -> None:
   if not str(path).startswith("gs://"):
     path.write_text((path.read_text() if path.exists() else "") + text)
     return
-  fs = _gcs_filesystem()
+  fs = gcs_filesystem()
   target = str(path)
   fs.invalidate_cache(target)
   if not fs.exists(target):
@@ -134,7 +141,7 @@ def read_many(paths) -> list:
   paths = [os.fsdecode(p) for p in paths]
   if not paths or not paths[0].startswith("gs://"):
     return [read_bytes(p) for p in paths]
-  fetched = _gcs_filesystem().cat(paths, on_error="return")
+  fetched = gcs_filesystem().cat(paths, on_error="return")
   out = []
   for path in paths:
     data = fetched[path] if path in fetched else fetched.get(path[len("gs://"):])
@@ -148,5 +155,5 @@ def exists(path) -> bool:
   """Whether a file exists now (gcsfs's listing cache is not consulted)."""
   path = as_path(path)
   if str(path).startswith("gs://"):
-    _gcs_filesystem().invalidate_cache(str(path))
+    gcs_filesystem().invalidate_cache(str(path))
   return path.exists()

@@ -20,8 +20,7 @@ def test_json_lines_append_one_record_at_a_time_and_resume(where, tmp_path, requ
   if where == "gcs":
     # Watch what the real client sends (it still sends it): one small object
     # per append, composed on the server, never the whole file again.
-    import fsspec  # pylint: disable=g-import-not-at-top
-    fs = fsspec.filesystem("gs")
+    fs = storage.gcs_filesystem()
     monkeypatch.setattr(fs, "pipe", lambda target, data, _pipe=fs.pipe, **kw: (
         uploads.append(len(data)), _pipe(target, data, **kw))[1])
   log = reporting.JsonLines(path)
