@@ -70,6 +70,9 @@ def paper_config(dataset: str, num_classes: int, tau: float) -> ml_collections.C
       ldam_max_margin=0.5,     # LDAM (Cao et al. 2019); needs model.head='normalized'.
       schedule="none",         # 'drw': effective-number weights from drw_epoch on.
       drw_epoch=160,           # DRW's epoch in LDAM-DRW (of 200).
+      # Label-aware smoothing (MiSLAS's stage 2, Zhong et al. 2021): e_c from
+      # las_tail (rarest class) to las_head (most frequent) along las_shape.
+      las_head=0.3, las_tail=0.0, las_shape="concave",
   ))
   # Main-batch sampler: 'random' (the epoch permutation R), 'class_balanced'
   # or 'square_root' (class-level re-sampling).
@@ -79,7 +82,20 @@ def paper_config(dataset: str, num_classes: int, tau: float) -> ml_collections.C
       warmup_epochs=5, decay_epochs=(160, 180), decay_factors=(0.01, 0.0001),
       # 'linear': the rate is learning_rate at reference_batch_size and scales
       # with batch_size (steps.base_learning_rate); 'none': as given.
-      lr_scaling="none", reference_batch_size=128))
+      lr_scaling="none", reference_batch_size=128,
+      # 'steps': warm-up, then the decay factors above; 'cosine': per epoch e,
+      # learning_rate (1 + cos(pi e / num_epochs)) / 2 (MiSLAS's stage 2).
+      schedule="steps"))
+  # A second stage (`:two_stage`): restore a finished first-stage run, freeze
+  # its backbone and retrain the classifier (lt_calib/train/two_stage.py).
+  config.stage2 = ml_collections.ConfigDict(dict(
+      enabled=False,
+      first_stage="",          # The first stage's workdir (local or gs://).
+      # 'frozen': BatchNorm uses and keeps the first stage's statistics;
+      # 'shift': they are re-estimated on the stage's class-balanced batches
+      # (MiSLAS's "shift learning on BatchNorm").
+      batchnorm="frozen",
+  ))
   config.batch_size = 128
   config.num_epochs = 200
   config.eval_batch_size = 512
@@ -185,18 +201,52 @@ def _quick(config: ml_collections.ConfigDict) -> None:
   config.log_every_steps = 24
 
 
+# MiSLAS's stage-2 settings per dataset (config/cifar{10,100}/
+# cifar*_imb001_stage2_mislas.yaml): smooth_head, smooth_tail, shift_bn, and
+# lr x lr_factor, the classifier's learning rate (0.1 x 0.5, 0.1 x 0.2).
+MISLAS_STAGE2 = {
+    "cifar10": {"loss.las_head": 0.3, "loss.las_tail": 0.0, "stage2.batchnorm": "frozen",
+                "optim.learning_rate": 0.05},
+    "cifar100": {"loss.las_head": 0.4, "loss.las_tail": 0.1, "stage2.batchnorm": "shift",
+                 "optim.learning_rate": 0.02},
+}
+
+
+def _two_stage(config: ml_collections.ConfigDict, smoke: bool) -> None:
+  # MiSLAS's stage 2 after this config's first stage: 10 epochs of the
+  # classifier alone (backbone frozen), class-balanced batches of 128, LAS,
+  # SGD (momentum 0.9, weight decay 2e-4) at a per-epoch cosine rate, no
+  # mixing. The first stage's workdir comes from the command line
+  # (--config.stage2.first_stage=DIR); model and data stay this config's, and
+  # must be the first stage's (lt_calib/train/two_stage.py checks).
+  set_fields(config, MISLAS_STAGE2.get(config.dataset.name, MISLAS_STAGE2["cifar10"]).items())
+  config.stage2.enabled = True
+  config.mix.name, config.loss.name, config.loss.schedule = "none", "las", "none"
+  config.sampler.name = "class_balanced"
+  config.optim.schedule, config.optim.warmup_epochs = "cosine", 0
+  config.optim.decay_epochs, config.optim.decay_factors = (), ()
+  config.optim.momentum, config.optim.weight_decay = 0.9, 2e-4
+  config.optim.lr_scaling = "none"
+  config.num_epochs = 2 if smoke else 10
+  config.batch_size = config.batch_size if smoke else 128
+  config.eval_every_epochs = config.checkpoint_every_epochs = 1 if smoke else 5
+
+
 # Recipe variants change what is trained; budget variants shrink it. Recipes
 # are applied first whatever the order in `arg`, so that a budget replaces the
-# recipe's 200-epoch schedule instead of the other way round.
+# recipe's 200-epoch schedule instead of the other way round; a stage variant
+# comes last (it replaces the schedule of the stage it follows).
 RECIPE_VARIANTS = {"official": _official}
 BUDGET_VARIANTS = {"smoke": _smoke, "quick": _quick}
+STAGE_VARIANTS = ("two_stage",)
 
 
 def apply_variant(config: ml_collections.ConfigDict, arg: str) -> ml_collections.ConfigDict:
   """Applies `arg`, comma-separated variants, e.g. 'official,quick'.
 
   '' keeps the paper-text protocol; 'official' is the official code's recipe;
-  'smoke' and 'quick' (at most one of them) shrink the budget.
+  'smoke' and 'quick' (at most one of them) shrink the budget; 'two_stage'
+  makes it MiSLAS's second stage after such a run (`_two_stage`).
 
   Args:
     config: the paper_config ConfigDict, changed in place.
@@ -209,7 +259,7 @@ def apply_variant(config: ml_collections.ConfigDict, arg: str) -> ml_collections
     ConfigError: an unknown variant, or two budget variants.
   """
   names = [name.strip() for name in (arg or "").split(",") if name.strip()]
-  allowed = sorted(RECIPE_VARIANTS) + sorted(BUDGET_VARIANTS)
+  allowed = sorted(RECIPE_VARIANTS) + sorted(BUDGET_VARIANTS) + list(STAGE_VARIANTS)
   unknown = [name for name in names if name not in allowed]
   if unknown:
     raise ConfigError(f"unknown config variant(s) {unknown}; allowed: {allowed}, "
@@ -223,4 +273,6 @@ def apply_variant(config: ml_collections.ConfigDict, arg: str) -> ml_collections
       RECIPE_VARIANTS[name](config)
   for name in budgets:
     BUDGET_VARIANTS[name](config)
+  if "two_stage" in names:
+    _two_stage(config, smoke="smoke" in budgets)
   return config

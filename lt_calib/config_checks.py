@@ -122,6 +122,13 @@ def _check_loss(config) -> None:
   _require(loss.name != "ldam" or config.model.head == "normalized",
            "loss.name='ldam' needs the normalised cosine head it was designed "
            f"for: set model.head='normalized' (got {config.model.head!r}).")
+  _check_number("loss.las_head", loss.get("las_head", 0.0), lambda v: 0 <= v <= 1,
+                "in [0, 1]")
+  _check_number("loss.las_tail", loss.get("las_tail", 0.0), lambda v: 0 <= v <= 1,
+                "in [0, 1]")
+  shape = loss.get("las_shape", "concave")
+  _require(shape in losses.LAS_SHAPES,
+           f"loss.las_shape={shape!r} is unknown; allowed: {losses.LAS_SHAPES}.")
   _require(loss.schedule in losses.SCHEDULES,
            f"loss.schedule={loss.schedule!r} is unknown; allowed: {losses.SCHEDULES}.")
   if loss.schedule == "drw":
@@ -134,8 +141,26 @@ def _check_loss(config) -> None:
              "effective-number weights twice; use one or the other.")
 
 
+STAGE2_BATCHNORM = ("frozen", "shift")
+
+
+def _check_stage2(config) -> None:
+  stage2 = config.get("stage2")
+  if not stage2 or not stage2.get("enabled", False):
+    return
+  _require(bool(stage2.first_stage),
+           "stage2.enabled needs the first stage's workdir: add "
+           "--config.stage2.first_stage=DIR (a finished run of this config without "
+           "':two_stage').")
+  _require(stage2.batchnorm in STAGE2_BATCHNORM, f"stage2.batchnorm={stage2.batchnorm!r} "
+           f"is unknown; allowed: {STAGE2_BATCHNORM}.")
+
+
 def _check_optim(opt) -> None:
   _check_number("optim.learning_rate", opt.learning_rate, lambda v: v > 0, "> 0")
+  schedule = opt.get("schedule", "steps")
+  _require(schedule in state.SCHEDULES, f"optim.schedule={schedule!r} is unknown; "
+           f"allowed: {state.SCHEDULES}.")
   scaling = opt.get("lr_scaling", "none")
   _require(scaling in state.LR_SCALING, f"optim.lr_scaling={scaling!r} is unknown; "
            f"allowed: {state.LR_SCALING}.")
@@ -175,6 +200,7 @@ def check_config(config, num_devices: int = 1) -> None:
              f"{name}={config[name]} must be a positive multiple of the "
              f"{num_devices} devices.")
   _check_optim(config.optim)
+  _check_stage2(config)
   for name in ("log_every_steps", "eval_every_epochs", "checkpoint_every_epochs",
                "calibration_bins"):
     _check_int(name, config[name], 1)

@@ -41,9 +41,22 @@ def config_dict(config) -> dict:
   return json.loads(config.to_json_best_effort())
 
 
+# Fields added after runs were saved without them, each with the value that
+# computes what those runs computed: a saved config that lacks the field
+# matches a new one holding this value (so an upgrade does not stop resumes).
+FIELDS_ADDED_LATER = {
+    "optim.schedule": "steps", "loss.las_head": 0.3, "loss.las_tail": 0.0,
+    "loss.las_shape": "concave", "stage2.enabled": False, "stage2.first_stage": "",
+    "stage2.batchnorm": "frozen",
+}
+
+
 def config_differences(saved: dict, config, ignore=BOOKKEEPING_FIELDS) -> dict:
   """{dotted field: [saved value, new value]} where `config` differs from `saved`."""
   a, b = flatten(saved), flatten(config_dict(config))
+  for key, value in FIELDS_ADDED_LATER.items():
+    if key not in a and b.get(key) == value:
+      a[key] = value
   return {k: [a.get(k), b.get(k)] for k in sorted(set(a) | set(b))
           if k not in ignore and a.get(k) != b.get(k)}
 
@@ -123,11 +136,18 @@ def check(workdir, config, identity: dict, allow_change: bool) -> dict:
   return changes
 
 
-def write(workdir, config, identity: dict, changes: dict, step: int) -> dict:
-  """Saves config.json and run.json (process 0 only); returns the run record."""
+def write(workdir, config, identity: dict, changes: dict, step: int,
+          first_stage: dict | None = None) -> dict:
+  """Saves config.json and run.json (process 0 only); returns the run record.
+
+  `first_stage`: what identifies a second stage's first stage
+  (lt_calib/train/two_stage.py), kept in run.json; None for other runs.
+  """
   workdir = epath.Path(workdir)
   record = _read(workdir / "run.json") or {"config_changes": []}
   record["data"] = identity
+  if first_stage is not None:
+    record["first_stage"] = first_stage
   if changes:
     record["config_changes"].append({"resumed_at_step": int(step), "changes": changes})
   storage.write_text(workdir / "config.json", config.to_json_best_effort(indent=2))

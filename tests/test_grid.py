@@ -194,7 +194,7 @@ def test_official_variant_is_the_code_recipe():
   # The paper-text default and the old variants are unchanged (App. C.1: 120).
   assert [cifar10_lt.get_config(a).mix.stop_epoch for a in ("", "smoke", "quick")] == [120, 1, 4]
   assert cifar10_lt.get_config("").batch_size == 128
-  with pytest.raises(errors.ConfigError, match=r"allowed: \['official', 'quick', 'smoke'\]"):
+  with pytest.raises(errors.ConfigError, match=r"allowed: \['official', 'quick', 'smoke', 'two_stage'\]"):
     cifar10_lt.get_config("official,fast")
   with pytest.raises(errors.ConfigError, match="both budgets"):
     cifar10_lt.get_config("smoke,quick")

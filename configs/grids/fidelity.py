@@ -107,9 +107,10 @@ def parse_arg(arg: str) -> dict:
   return options
 
 
-def _base_config(budget: str) -> ml_collections.ConfigDict:
-  """The CIFAR-10-LT paper config shrunk to `budget`: '', 'cpu' or 'smoke'."""
-  base = cifar10_lt.get_config()
+def base_config(budget: str, base: ml_collections.ConfigDict | None = None
+                ) -> ml_collections.ConfigDict:
+  """A CIFAR-LT paper config (default CIFAR-10-LT) shrunk to `budget`: '', 'cpu' or 'smoke'."""
+  base = cifar10_lt.get_config() if base is None else base
   base.eval_every_epochs = 1  # Every epoch, as the official code (best epoch).
   base.tensorboard = False    # The GPU host has no TensorFlow; metrics.jsonl has it all.
   base.log_every_steps = 960
@@ -170,7 +171,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   """Returns the grid config (base, presets, mixes, losses, pairs, seeds, ...)."""
   options = parse_arg(arg)
   budget, part = options["budget"], options["part"]
-  base = _base_config(budget)
+  base = base_config(budget)
   presets = decomposition_presets(base, full_protocol=not budget)
   grid = ml_collections.ConfigDict()
   grid.train = not options["report"]

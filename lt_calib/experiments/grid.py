@@ -52,7 +52,7 @@ import jax
 from lt_calib import run_identity, storage
 from lt_calib.errors import WorkdirError
 from lt_calib.experiments import presets, tables
-from lt_calib.train import loop, population, trainer
+from lt_calib.train import loop, population, trainer, two_stage
 
 def is_finished(cell_dir: pathlib.Path, config) -> bool:
   """True if `cell_dir` holds a finished run of `config`.
@@ -177,6 +177,7 @@ def run_grid(grid, workdir: str, train_fn: Callable | None = None) -> list:
     training = not train_seed_groups(grid, workdir, cells)
   for number, cell in enumerate(cells, 1):
     config, cell_dir = presets.cell_config(grid, cell), workdir / cell.name
+    config = two_stage.in_grid(config, workdir)
     if not training:
       if not is_finished(cell_dir, config):
         missing.append(cell.name)

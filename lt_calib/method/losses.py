@@ -14,6 +14,7 @@ each label term of Eq. 11 alike.
 | class_balanced | w_y CE or w_y focal, w_c ~ (1-beta)/(1-beta^n_c)     | Cui et al. 2019   |
 | cdt            | CE(z / a, y), a_c = (n_max / n_c)^gamma              | Ye et al. 2020    |
 | ldam           | CE(z - s m_y e_y, y), m_c ~ n_c^(-1/4), max 0.5      | Cao et al. 2019   |
+| las            | (1 - e_y) CE(z, y) + e_y mean_c -log p_c, e_y from n_y | Zhong et al. 2021 |
 
 `loss.schedule='drw'` (deferred re-weighting, Cao et al. 2019) multiplies any
 of them by the effective-number weights w_y from epoch `loss.drw_epoch` on.
@@ -212,10 +213,60 @@ def make_ldam(cfg, prior, logit_scale) -> BaseLossFn:
   return loss
 
 
+LAS_SHAPES = ("concave", "linear", "convex")
+
+
+def las_smoothing(counts: np.ndarray, head: float, tail: float, shape: str) -> np.ndarray:
+  """Label-aware smoothing e_c of MiSLAS (Zhong et al. 2021, Sec. 4; `LabelAwareSmoothing`).
+
+  e_c runs from `tail` at the rarest class (n_K) to `head` at the most
+  frequent (n_1) along the chosen curve of u = (n_c - n_K) / (n_1 - n_K):
+  concave tail + (head - tail) sin(pi u / 2) (their default), linear
+  tail + (head - tail) u, convex head + (head - tail) sin(3 pi / 2 + pi u / 2).
+
+  Args:
+    counts: [C] images per class.
+    head: e_1 (MiSLAS stage 2: 0.3 on CIFAR-10-LT, 0.4 on CIFAR-100-LT).
+    tail: e_K (0.0 on CIFAR-10-LT, 0.1 on CIFAR-100-LT).
+    shape: one of LAS_SHAPES.
+
+  Returns:
+    float64 [C]; all `head` when every class has the same count.
+  """
+  if shape not in LAS_SHAPES:
+    raise ConfigError(f"loss.las_shape={shape!r} is unknown; allowed: {LAS_SHAPES}.")
+  counts = np.asarray(counts, np.float64)
+  spread = counts.max() - counts.min()
+  u = (counts - counts.min()) / spread if spread > 0 else np.ones_like(counts)
+  if shape == "concave":
+    return tail + (head - tail) * np.sin(np.pi * u / 2)
+  if shape == "linear":
+    return tail + (head - tail) * u
+  return head + (head - tail) * np.sin(1.5 * np.pi + np.pi * u / 2)
+
+
+def make_las(cfg, prior, logit_scale) -> BaseLossFn:
+  """Label-aware smoothing (MiSLAS's stage-2 loss): CE smoothed by e_y of the label's class.
+
+  Per example (1 - e_y) (-log p_y) + e_y mean_c (-log p_c), with e from
+  `las_smoothing(counts, loss.las_head, loss.las_tail, loss.las_shape)`.
+  """
+  del logit_scale
+  smoothing = jnp.asarray(las_smoothing(np.asarray(prior.counts), cfg.las_head,
+                                        cfg.las_tail, cfg.las_shape), jnp.float32)
+
+  def loss(logits, labels):
+    log_p = jax.nn.log_softmax(logits.astype(jnp.float32))
+    nll = -jnp.take_along_axis(log_p, labels[:, None], axis=1)[:, 0]
+    e = smoothing[labels]
+    return (1.0 - e) * nll + e * -jnp.mean(log_p, axis=-1)
+  return loss
+
+
 LOSSES: Dict[str, Callable] = {
     "ce": make_ce, "bayias": make_bayias, "logit_adjusted": make_logit_adjusted,
     "focal": make_focal, "class_balanced": make_class_balanced, "cdt": make_cdt,
-    "ldam": make_ldam,
+    "ldam": make_ldam, "las": make_las,
 }
 
 

@@ -70,6 +70,29 @@ def logit_scale(model_cfg) -> float:
   return 1.0
 
 
+# Flax's automatic names of the head modules above, as `pool_and_classify`
+# creates them: the top-level parameter key of the classifier.
+HEAD_MODULE_PREFIXES = ("Dense_", "NormalizedLinear_")
+
+
+def classifier_keys(params) -> tuple:
+  """The top-level parameter keys of a model's classifier head (its last layer).
+
+  Args:
+    params: a model's parameters (`variables['params']`).
+
+  Returns:
+    tuple of keys (one for the models here).
+
+  Raises:
+    ValueError: the tree has no head made by `pool_and_classify`.
+  """
+  keys = tuple(k for k in params if str(k).startswith(HEAD_MODULE_PREFIXES))
+  if len(keys) != 1:
+    raise ValueError(f"expected one classifier head among {list(params)}, found {keys}")
+  return keys
+
+
 def pool_and_classify(x, num_classes: int, head: str, head_scale: float, dtype, kernel_init):
   """Global average pooling, then the head `head`: float32 logits [B, C].
 

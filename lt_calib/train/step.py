@@ -23,6 +23,8 @@ import optax
 from lt_calib.data import augment
 from lt_calib.errors import ConfigError
 from lt_calib.method import mixing, sampling
+from lt_calib.models.heads import classifier_keys
+from lt_calib.train import state as state_lib
 from lt_calib.train.state import TrainState
 
 
@@ -50,6 +52,10 @@ class StepConfig:
   remix_kappa: float = flax.struct.field(pytree_node=False)
   remix_tau: float = flax.struct.field(pytree_node=False)
   manifold_layers: tuple = flax.struct.field(pytree_node=False)
+  # A second stage trains the classifier head alone ('frozen' BatchNorm keeps
+  # the first stage's statistics, 'shift' re-estimates them); 'train' is an
+  # ordinary run: every parameter, BatchNorm on batch statistics.
+  batchnorm: str = flax.struct.field(pytree_node=False, default="train")
   alpha: jax.Array = None             # [] Beta(alpha, alpha) of the mix factor.
   # [] in-batch pairing: batch member k is a partner with weight
   # n_{y_k}^in_batch_exponent (the batch already follows pi, so this is the
@@ -117,6 +123,7 @@ def make_step_config(config, dataset) -> StepConfig:
       mix_space="input" if method is None else method.space,
       remix_kappa=float(config.mix.remix_kappa), remix_tau=float(config.mix.remix_tau),
       manifold_layers=tuple(int(k) for k in config.mix.manifold_layers),
+      batchnorm=(config.stage2.batchnorm if state_lib.classifier_only(config) else "train"),
       prior=jnp.asarray(prior.prior, jnp.float32),
       log_counts=jnp.asarray(np.log(np.maximum(prior.counts, 1)), jnp.float32),
       log_class_probs=jnp.asarray(sampling.class_level_log_probs(prior.prior, exponent),
@@ -165,23 +172,48 @@ def train_step(state: TrainState, batch: dict, key: jax.Array, cfg: StepConfig,
   def per_label_loss(logits, labels):
     return loss_fn(logits, labels, state.step)
 
-  def loss_of(params):
-    logits, updates = state.apply_fn(
-        {"params": params, "batch_stats": state.batch_stats}, images, train=True,
-        mutable=["batch_stats"], **model_kwargs)
+  # A second stage differentiates the head alone: the backbone is a constant.
+  trained, frozen = split_trained(state.params, cfg.batchnorm != "train")
+
+  def loss_of(trained):
+    params = {**frozen, **trained} if frozen else trained
+    variables = {"params": params, "batch_stats": state.batch_stats}
+    if cfg.batchnorm == "frozen":
+      logits, batch_stats = state.apply_fn(variables, images, train=False,
+                                           **model_kwargs), state.batch_stats
+    else:
+      logits, updates = state.apply_fn(variables, images, train=True,
+                                       mutable=["batch_stats"], **model_kwargs)
+      batch_stats = updates["batch_stats"]
     if cfg.mix_factor is None:  # One loss term, not 1 L(y) + 0 L(y).
       per_example = per_label_loss(logits, labels_i)
     else:
       per_example = mixing.mixed_loss(per_label_loss, logits, labels_i, labels_j,
                                       label_weight)
-    return jnp.mean(per_example), updates["batch_stats"]
+    return jnp.mean(per_example), batch_stats
 
-  (loss, batch_stats), grads = jax.value_and_grad(loss_of, has_aux=True)(state.params)
-  new_state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
+  (loss, batch_stats), grads = jax.value_and_grad(loss_of, has_aux=True)(trained)
+  if frozen:
+    # The optimizer gives the frozen leaves a zero update (state.make_optimizer);
+    # they are then put back as they were, bit for bit (p + 0 is not always p).
+    all_grads = {**jax.tree.map(jnp.zeros_like, frozen), **grads}
+    new_state = state.apply_gradients(grads=all_grads, batch_stats=batch_stats)
+    new_state = new_state.replace(params={**new_state.params, **frozen})
+  else:
+    new_state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
   stats = {"loss": loss, "grad_norm": optax.tree.norm(grads),
            "param_norm": optax.tree.norm(state.params), "mean_xi": jnp.mean(xi),
            "mean_label_weight": jnp.mean(label_weight)}
   return new_state, stats
+
+
+def split_trained(params, classifier_only: bool) -> tuple:
+  """(trained, frozen) parameters: (all, {}), or (the head, the rest) in a second stage."""
+  if not classifier_only:
+    return params, {}
+  heads = classifier_keys(params)
+  return ({k: v for k, v in params.items() if k in heads},
+          {k: v for k, v in params.items() if k not in heads})
 
 
 def eval_step(state: TrainState, images: jax.Array, mean, std) -> jax.Array:

@@ -23,6 +23,7 @@ from lt_calib.calibration import report
 from lt_calib.train import setup as setup_lib
 from lt_calib.train import state as state_lib
 from lt_calib.train import step as step_lib
+from lt_calib.train import two_stage
 from lt_calib.train.loop import Run, evaluate, evaluate_test_set, train_loop
 
 # Exit status of a run stopped by SIGTERM (128 + 15, as a shell reports it).
@@ -48,6 +49,11 @@ def describe(run: Run) -> None:
   print_line(f"steps: {run.total_steps} ({config.num_epochs} epochs of "
              f"{run.steps_per_epoch})" + (f", resuming at step {run.start_step}"
                                            if run.start_step else ""))
+  first = run.record.get("first_stage")
+  if first:
+    print_line(f"stage 2 after {first['workdir']} (step {first['step']}, top-1 "
+               f"{100 * first['top1']:.2f} %): classifier only, BatchNorm "
+               f"{config.stage2.batchnorm}")
   print_line(f"workdir: {run.workdir} (metrics.jsonl, summary.json, report.md)")
 
 
@@ -59,6 +65,8 @@ def prepare(config, workdir, allow_config_change: bool, mesh=None) -> Run:
   dataset = data_lib.load(config.dataset)
   identity = run_identity.data_identity(dataset)
   changes = run_identity.check(workdir, config, identity, allow_config_change)
+  first_stage = two_stage.first_stage_record(config)  # None unless a second stage.
+  two_stage.check_unchanged(workdir, first_stage)
   manager = checkpointing.make_manager(
       workdir, config.keep_checkpoints,
       save_interval_steps=config.checkpoint_every_epochs * step_lib.epoch_steps(config, dataset))
@@ -67,9 +75,12 @@ def prepare(config, workdir, allow_config_change: bool, mesh=None) -> Run:
   state = setup.state
   if latest is not None:
     state = checkpointing.restore(manager, latest, state)
+  elif first_stage is not None:
+    state = two_stage.restore_first_stage(first_stage, state, mesh)
   start_step = int(parallel.local_value(state.step))
   is_main = distributed.is_main_process()
-  record = run_identity.write(workdir, config, identity, changes, start_step) if is_main else {}
+  record = run_identity.write(workdir, config, identity, changes, start_step,
+                              first_stage=first_stage) if is_main else {}
   total_steps = config.num_epochs * setup.step_cfg.steps_per_epoch
   run = Run(config=config, workdir=workdir, dataset=dataset, setup=setup, mesh=mesh,
             manager=manager,
@@ -114,6 +125,7 @@ def summary_record(config, run: Run, evaluations: list, state, wall_seconds: flo
       "steps_this_run": run.total_steps - run.start_step,
       "resumed_from_step": run.start_step or None,
       "config_changes": run.record.get("config_changes", []),
+      "first_stage": run.record.get("first_stage"),
       "data_identity": run.record.get("data"),
       "wall_time_s": wall_seconds,
       "train_images_per_s": run.console.images_per_second(),
