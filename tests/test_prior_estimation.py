@@ -6,6 +6,7 @@ import scipy.special
 import scipy.stats
 
 from lt_calib.calibration import prior_estimation as pe
+from lt_calib.errors import ConfigError
 
 
 def test_em_equals_quapys_emq_on_the_same_posteriors():
@@ -174,3 +175,25 @@ def test_held_out_split_missing_a_class_is_refused_for_bbse():
   with pytest.raises(ConfigError, match=r"classes \[0\] have none"):
     prior_table.rows(model, [1.0], ["em", "bbse"])
   assert len(prior_table.rows(model, [1.0], ["em"])) == 1  # EM needs no held-out split.
+
+
+def test_mean_over_runs_gives_mean_and_sample_std(tmp_path):
+  from lt_calib.calibration import prior_table  # pylint: disable=g-import-not-at-top
+  import json  # pylint: disable=g-import-not-at-top
+  def run(top1, l1):
+    return [{"prior": "em", "test_rho": 10.0, "num_images": 500, "top1": top1,
+             "mean_class_acc": top1, "ece": 0.1, "nll": 1.0, "l1": l1, "kl": 0.0,
+             "em_iterations": 7}]
+  # top-1 0.5, 0.6, 0.7: mean 0.6, sample std 0.1; l1 0.2, 0.2, 0.5: 0.3, sqrt(0.03).
+  for k, (top1, l1) in enumerate(((0.5, 0.2), (0.6, 0.2), (0.7, 0.5))):
+    (tmp_path / f"s{k}").mkdir()
+    (tmp_path / f"s{k}" / "evaluation.json").write_text(
+        json.dumps({"prior_estimation": run(top1, l1)}))
+  rows = prior_table.write_mean_table([tmp_path / f"s{k}" for k in range(3)], tmp_path / "mean")
+  assert rows[0]["runs"] == 3
+  assert rows[0]["top1"] == pytest.approx(0.6) and rows[0]["top1_std"] == pytest.approx(0.1)
+  assert rows[0]["l1"] == pytest.approx(0.3) and rows[0]["l1_std"] == pytest.approx(0.03 ** 0.5)
+  text = (tmp_path / "mean" / "prior_estimation_mean.md").read_text()
+  assert "| em | 60.00 ± 10.00 |" in text and "| em | 0.300 ± 0.173 |" in text
+  with pytest.raises(ConfigError, match="holds no prior_estimation table"):
+    prior_table.write_mean_table([tmp_path], tmp_path / "mean")

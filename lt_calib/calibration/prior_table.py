@@ -140,8 +140,45 @@ def rows(model: Model, rhos, priors, seed: int = 0, num_bins: int = 15) -> list:
   return out
 
 
+METRICS = ("top1", "mean_class_acc", "ece", "nll", "l1", "kl")
+
+
+def mean_over_runs(row_lists: list) -> list:
+  """`rows` of several runs (seeds) -> one row per (prior, rho'): mean and sample std.
+
+  Args:
+    row_lists: each run's `rows` (the same priors and rho').
+
+  Returns:
+    list of dicts: prior, test_rho, num_images, runs, and for each of
+    METRICS its mean and `<metric>_std` (NaN with one run).
+  """
+  runs = {}
+  for table_rows in row_lists:
+    for row in table_rows:
+      runs.setdefault((row["prior"], row["test_rho"]), []).append(row)
+  out = []
+  for (prior, rho), group in runs.items():
+    row = {"prior": prior, "test_rho": rho, "num_images": group[0]["num_images"],
+           "runs": len(group)}
+    for key in METRICS:
+      values = np.array([r[key] for r in group], np.float64)
+      row[key] = float(values.mean())
+      row[f"{key}_std"] = float(values.std(ddof=1)) if len(values) > 1 else float("nan")
+    out.append(row)
+  return out
+
+
+def _cell(row, key: str, scale: float) -> str:
+  digits = 3 if key == "l1" else 2
+  text = f"{scale * row[key]:.{digits}f}"
+  if f"{key}_std" in row and np.isfinite(row[f"{key}_std"]):
+    text += f" ± {scale * row[f'{key}_std']:.{digits}f}"
+  return text
+
+
 def markdown(table_rows, description: str = "") -> str:
-  """Tables (prior x rho') of top-1 %, ECE %, NLL and the L1 error of pi'."""
+  """Tables (prior x rho') of top-1 %, ECE %, NLL and the L1 error of pi' (± std if averaged)."""
   rhos = list(dict.fromkeys(r["test_rho"] for r in table_rows))
   names = list(dict.fromkeys(r["prior"] for r in table_rows))
   cell = {(r["prior"], r["test_rho"]): r for r in table_rows}
@@ -153,8 +190,67 @@ def markdown(table_rows, description: str = "") -> str:
         f"rho'={r:g} (n={sizes[r]})" for r in rhos) + " |",
              "| --- |" + " ---: |" * len(rhos)]
     for name in names:
-      text.append(f"| {name} | " + " | ".join(
-          f"{scale * cell[(name, r)][key]:.{3 if key == 'l1' else 2}f}" for r in rhos) + " |")
+      text.append(f"| {name} | " + " | ".join(_cell(cell[(name, r)], key, scale)
+                                            for r in rhos) + " |")
     text.append("")
   return "\n".join(text)
 
+
+
+def write_mean_table(run_dirs, out, description: str = "") -> list:
+  """prior_estimation_mean.md / .csv in `out`: `mean_over_runs` of the runs' tables.
+
+  Args:
+    run_dirs: folders where `lt_calib.evaluate --test_prior=...` wrote
+      evaluation.json (one per seed).
+    out: output folder.
+    description: a line above the tables (what was averaged).
+
+  Returns:
+    the averaged rows.
+
+  Raises:
+    ConfigError: a folder without an evaluation.json holding such a table.
+  """
+  import csv  # pylint: disable=g-import-not-at-top
+  import io  # pylint: disable=g-import-not-at-top
+  import json  # pylint: disable=g-import-not-at-top
+  from lt_calib import storage  # pylint: disable=g-import-not-at-top
+  row_lists = []
+  for run in run_dirs:
+    path = storage.as_path(run) / "evaluation.json"
+    rows_of_run = json.loads(path.read_text()).get("prior_estimation") if path.exists() else None
+    if not rows_of_run:
+      raise ConfigError(f"{path} holds no prior_estimation table; run lt_calib.evaluate "
+                        f"--workdir={run} --test_prior=... first.")
+    row_lists.append(rows_of_run)
+  averaged = mean_over_runs(row_lists)
+  out = storage.as_path(out)
+  out.mkdir(parents=True, exist_ok=True)
+  storage.write_text(out / "prior_estimation_mean.md", markdown(averaged, description))
+  text = io.StringIO()
+  writer = csv.DictWriter(text, fieldnames=list(averaged[0]))
+  writer.writeheader()
+  writer.writerows(averaged)
+  storage.write_text(out / "prior_estimation_mean.csv", text.getvalue())
+  return averaged
+
+
+def main(argv):
+  """python -m lt_calib.calibration.prior_table --runs=A,B,C --out=DIR."""
+  del argv
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  values = flags.FLAGS
+  rows_written = write_mean_table(values.runs, values.out, values.description)
+  print(f"{values.out}/prior_estimation_mean.md: {len(rows_written)} rows, "
+        f"{rows_written[0]['runs']} runs each")
+
+
+if __name__ == "__main__":
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from lt_calib import cli  # pylint: disable=g-import-not-at-top
+  flags.DEFINE_list("runs", None, "Folders with lt_calib.evaluate's evaluation.json.")
+  flags.DEFINE_string("out", None, "Where prior_estimation_mean.md / .csv go.")
+  flags.DEFINE_string("description", "", "A line above the tables.")
+  flags.mark_flags_as_required(["runs", "out"])
+  cli.run(main)
