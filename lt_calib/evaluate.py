@@ -42,7 +42,7 @@ from lt_calib import data as data_lib
 from lt_calib.calibration import posthoc, prior_table, report
 from lt_calib.calibration import summary as summary_lib
 from lt_calib.data import offline
-from lt_calib.errors import MissingDataError
+from lt_calib.errors import ConfigError, MissingDataError
 from lt_calib.method import losses
 from lt_calib.train import setup as setup_lib
 from lt_calib.train import state as state_lib
@@ -180,10 +180,11 @@ def label_shift_rows(run: Run, rhos, seed=0, bayias_logits=None, others=()) -> l
     log_test = shifted_log_prior(labels, idx, num_classes)
     methods = {}
     for r in (run, *others):
-      log_ref = posthoc.reference_log_prior(r.config.loss, r.dataset.prior.prior)
+      log_ref = reference_of(r)
       methods[f"{run_name(r)} raw"] = r.test_logits[idx]
-      methods[f"{run_name(r)} prior-corrected"] = posthoc.prior_correction(
-          r.test_logits[idx], log_ref, log_test)
+      if log_ref is not None:  # Losses with no closed-form reference: raw only.
+        methods[f"{run_name(r)} prior-corrected"] = posthoc.prior_correction(
+            r.test_logits[idx], log_ref, log_test)
     if bayias_logits and rho in bayias_logits:
       methods["Bayias trained for pi'"] = bayias_logits[rho][idx]
     for method, logits in methods.items():
@@ -191,6 +192,13 @@ def label_shift_rows(run: Run, rhos, seed=0, bayias_logits=None, others=()) -> l
       rows.append({"method": method, "test_rho": rho, "num_images": len(idx),
                    **{k: s[k] for k in ("top1", "mean_class_acc", "ece", "nll")}})
   return rows
+
+
+def reference_of(run):
+  """log pi_ref of a run's raw logits (`posthoc.reference_log_prior`), or None."""
+  config = run.config
+  return posthoc.reference_log_prior(config.loss, run.dataset.prior.prior,
+                                     config.get("sampler", {}).get("name", "random"))
 
 
 def label_shift_markdown(rows, description="") -> str:
@@ -293,9 +301,9 @@ def evaluate_workdir(workdir, checkpoint=None, test_rhos=(1.0,), val_per_class=5
   extra, columns = [], {}
   # z + log pi' - log pi_ref; shown when it changes anything (not for a
   # Bayias-uniform model on the balanced set).
-  log_ref = posthoc.reference_log_prior(config.loss, run.dataset.prior.prior)
+  log_ref = reference_of(run)
   log_test = shifted_log_prior(labels, idx, num_classes)
-  if not np.allclose(log_ref, log_test):
+  if log_ref is not None and not np.allclose(log_ref, log_test):
     columns["prior-corrected"] = summary_lib.summarize(
         posthoc.prior_correction(logits, log_ref, log_test), labels[idx], counts,
         config.calibration_bins)
@@ -307,6 +315,11 @@ def evaluate_workdir(workdir, checkpoint=None, test_rhos=(1.0,), val_per_class=5
     extra.append(("Test label shift (label_shift.md)", table))
     result["label_shift"] = rows
   if test_priors:
+    if log_ref is None:
+      raise ConfigError(f"--test_prior: the logits of a loss.name={config.loss.name!r} "
+                        f"run (schedule {config.loss.get('schedule', 'none')!r}) refer to no "
+                        "prior in closed form; it works for ce, las, bayias and "
+                        "logit_adjusted runs.")
     prior_table.check_priors(test_priors, has_held_out=validation is not None)
     model = prior_table.Model(run.test_logits, labels, counts, log_ref, validation)
     rows = prior_table.rows(model, test_rhos, test_priors, seed, config.calibration_bins)

@@ -116,8 +116,21 @@ def test_reference_prior_follows_the_loss():
   np.testing.assert_allclose(posthoc.reference_log_prior(uniform, train), np.log([1 / 3] * 3))
   np.testing.assert_allclose(posthoc.reference_log_prior(shifted, train),
                              np.log([0.1, 0.2, 0.7]))
-  with pytest.raises(ValueError, match="reference prior"):
-    posthoc.reference_log_prior(ml_collections.ConfigDict({"name": "focal"}), train)
+  assert posthoc.reference_log_prior(ml_collections.ConfigDict({"name": "focal"}), train) is None
+  drw = ml_collections.ConfigDict({"name": "ce", "schedule": "drw"})
+  assert posthoc.reference_log_prior(drw, train) is None
+  # Class-balanced batches (a second stage): CE and LAS refer to the uniform
+  # prior; Bayias to q pi_t / pi_train = (1/3)(1/3) / pi, i.e. proportional to
+  # 1 / pi = (1.4286, 5, 10) / 16.4286 = (0.08696, 0.30435, 0.60870).
+  for name in ("ce", "las"):
+    np.testing.assert_allclose(posthoc.reference_log_prior(
+        ml_collections.ConfigDict({"name": name}), train, "class_balanced"), np.log([1 / 3] * 3))
+  np.testing.assert_allclose(
+      np.exp(posthoc.reference_log_prior(uniform, train, "class_balanced")),
+      [0.08696, 0.30435, 0.60870], atol=1e-5)
+  # Logit adjustment (tau 1) on the random sampler: pi / pi = uniform.
+  adjusted = ml_collections.ConfigDict({"name": "logit_adjusted", "la_tau": 1.0})
+  np.testing.assert_allclose(posthoc.reference_log_prior(adjusted, train), np.log([1 / 3] * 3))
 
 
 def test_prior_correction_helps_on_shifted_gaussian_data():

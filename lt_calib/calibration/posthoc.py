@@ -14,8 +14,10 @@ logits are fitted to the training posterior, so pi_ref = pi_train. A Bayias
 model is trained on z + log pi_train - log pi_t (Eq. 14-15, pi_t =
 `loss.test_prior`), so its raw logits z already estimate the posterior under
 pi_t: pi_ref = pi_t, i.e. log(1/C) for the default uniform test prior (the
-logit-adjusted case). Mixing (UniMix, mixup) changes the effective training
-prior too; that effect is not modelled here.
+logit-adjusted case). A class-level sampler changes the prior the batches
+follow, and `reference_log_prior` takes it into account (a second stage's
+class-balanced batches: uniform). Mixing (UniMix, mixup) changes the
+effective training prior too; that effect is not modelled here.
 """
 
 import math
@@ -24,7 +26,7 @@ import numpy as np
 import scipy.optimize
 import scipy.special
 
-from lt_calib.method import losses
+from lt_calib.method import losses, sampling
 from lt_calib.data import long_tail
 
 
@@ -82,24 +84,42 @@ def prior_correction(logits, log_reference_prior, log_test_prior) -> np.ndarray:
   return np.asarray(logits, np.float64) + shift
 
 
-def reference_log_prior(loss_cfg, train_prior) -> np.ndarray:
-  """log pi_ref of a trained model's raw logits (module docstring).
+def reference_log_prior(loss_cfg, train_prior, sampler_name: str = "random"
+                        ) -> np.ndarray | None:
+  """log pi_ref of a trained model's raw logits (module docstring), or None.
+
+  The batches follow the sampler's label law q (pi_train for 'random',
+  proportional to pi_train^tau for a class-level sampler: uniform for
+  'class_balanced'). CE and label-aware smoothing fit softmax(z) to q;
+  Bayias fits softmax(z + log pi_train - log pi_t) to q, so z refers to
+  q pi_t / pi_train (pi_t with the default sampler); logit adjustment fits
+  z + tau log pi_train, so z refers to q / pi_train^tau.
 
   Args:
-    loss_cfg: the run's `config.loss` (name, test_prior).
+    loss_cfg: the run's `config.loss` (name, test_prior, la_tau).
     train_prior: [C] training prior pi_train.
+    sampler_name: the run's `config.sampler.name`.
 
   Returns:
-    float64 [C].
+    float64 [C] (normalised), or None for a loss whose logits refer to no
+    prior in closed form (focal, class-balanced, CDT, LDAM, DRW schedules).
   """
   train_prior = np.asarray(train_prior, np.float64)
-  if loss_cfg.name == "bayias":
-    return np.log(losses.parse_test_prior(loss_cfg.get("test_prior", "uniform"),
-                                          len(train_prior)))
-  if loss_cfg.name == "ce":
-    return np.log(train_prior)
-  raise ValueError(f"no reference prior known for loss.name={loss_cfg.name!r}; "
-                   "add it to posthoc.reference_log_prior.")
+  log_train = np.log(np.maximum(train_prior, 1e-300))
+  tau = sampling.BATCH_SAMPLERS.get(sampler_name)
+  log_q = log_train if tau is None else tau * log_train
+  if loss_cfg.get("schedule", "none") != "none":
+    return None
+  if loss_cfg.name in ("ce", "las"):
+    log_ref = log_q
+  elif loss_cfg.name == "bayias":
+    log_ref = log_q - log_train + np.log(losses.parse_test_prior(
+        loss_cfg.get("test_prior", "uniform"), len(train_prior)))
+  elif loss_cfg.name == "logit_adjusted":
+    log_ref = log_q - float(loss_cfg.get("la_tau", 1.0)) * log_train
+  else:
+    return None
+  return log_ref - scipy.special.logsumexp(log_ref)
 
 
 def shifted_counts(n_per_class: int, num_classes: int, test_rho: float) -> np.ndarray:
