@@ -54,7 +54,8 @@ mkdir -p "$OUT" "$RUNS"
 # shellcheck source=gpu_env.sh
 source "$(dirname "${BASH_SOURCE[0]}")/gpu_env.sh"
 # One compilation cache for every process: seeds and workers reuse programs.
-export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-$PWD/$RUNS/compilation_cache}
+# ($RUNS made absolute: it may be given either way.)
+export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-$(cd "$RUNS" && pwd)/compilation_cache}
 # Each process may take its share of GPU memory (XLA preallocates 75 % otherwise).
 export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-$(
   awk -v n="$WORKERS" 'BEGIN { printf "%.2f", 0.9 / n }')}
