@@ -148,6 +148,18 @@ def train_seed_groups(grid, workdir: pathlib.Path, cells: list) -> bool:
   return False
 
 
+def write_tables(grid, workdir: pathlib.Path, finals: dict, failed: list,
+                 missing: list) -> list:
+  """table.md, table.csv and grid.json of the finished cells; returns the rows."""
+  rows = tables.aggregate(grid, finals)
+  storage.write_text(workdir / "table.md", tables.table_markdown(grid, rows))
+  storage.write_text(workdir / "table.csv", tables.table_csv(rows))
+  storage.write_text(workdir / "grid.json", json.dumps({
+      "grid": json.loads(grid.to_json_best_effort()), "failed_cells": failed,
+      "missing_cells": missing}, indent=2, sort_keys=True) + "\n")
+  return rows
+
+
 def run_grid(grid, workdir: str, train_fn: Callable | None = None) -> list:
   """Trains the unfinished cells, then writes table.md and table.csv.
 
@@ -176,8 +188,8 @@ def run_grid(grid, workdir: str, train_fn: Callable | None = None) -> list:
   if training and library_training and seeds_in_one_program(grid):
     training = not train_seed_groups(grid, workdir, cells)
   for number, cell in enumerate(cells, 1):
-    config, cell_dir = presets.cell_config(grid, cell), workdir / cell.name
-    config = two_stage.in_grid(config, workdir)
+    config = two_stage.in_grid(presets.cell_config(grid, cell), workdir)  # Stage 2: its stage 1.
+    cell_dir = workdir / cell.name
     if not training:
       if not is_finished(cell_dir, config):
         missing.append(cell.name)
@@ -215,12 +227,7 @@ def run_grid(grid, workdir: str, train_fn: Callable | None = None) -> list:
     summary = json.loads((cell_dir / "summary.json").read_text())
     finals.setdefault((cell.mix, cell.loss), []).append(
         {**summary["final"], "best_top1": tables.best_top1(cell_dir, summary)})
-  rows = tables.aggregate(grid, finals)
-  storage.write_text(workdir / "table.md", tables.table_markdown(grid, rows))
-  storage.write_text(workdir / "table.csv", tables.table_csv(rows))
-  storage.write_text(workdir / "grid.json", json.dumps({
-      "grid": json.loads(grid.to_json_best_effort()), "failed_cells": failed,
-      "missing_cells": missing}, indent=2, sort_keys=True) + "\n")
+  rows = write_tables(grid, workdir, finals, failed, missing)
   if missing:
     announce("left out of the tables (not finished, or trained elsewhere): %s",
                  missing)
