@@ -210,9 +210,13 @@ MISLAS_STAGE2 = {
     "cifar100": {"loss.las_head": 0.4, "loss.las_tail": 0.1, "stage2.batchnorm": "shift",
                  "optim.learning_rate": 0.02},
 }
+# No MiSLAS config for Tiny-ImageNet-LT: CIFAR-100-LT's, the many-class setting
+# (our choice, as for its tau).
+MISLAS_STAGE2["tiny_imagenet_lt"] = MISLAS_STAGE2["cifar100"]
 
 
-def _two_stage(config: ml_collections.ConfigDict, smoke: bool) -> None:
+def two_stage(config: ml_collections.ConfigDict, smoke: bool) -> None:
+  """Makes `config` MiSLAS's second stage after a run of it (in place); see below."""
   # MiSLAS's stage 2 after this config's first stage: 10 epochs of the
   # classifier alone (backbone frozen), class-balanced batches of 128, LAS,
   # SGD (momentum 0.9, weight decay 2e-4) at a per-epoch cosine rate, no
@@ -246,7 +250,7 @@ def apply_variant(config: ml_collections.ConfigDict, arg: str) -> ml_collections
 
   '' keeps the paper-text protocol; 'official' is the official code's recipe;
   'smoke' and 'quick' (at most one of them) shrink the budget; 'two_stage'
-  makes it MiSLAS's second stage after such a run (`_two_stage`).
+  makes it MiSLAS's second stage after such a run (`two_stage`).
 
   Args:
     config: the paper_config ConfigDict, changed in place.
@@ -274,5 +278,5 @@ def apply_variant(config: ml_collections.ConfigDict, arg: str) -> ml_collections
   for name in budgets:
     BUDGET_VARIANTS[name](config)
   if "two_stage" in names:
-    _two_stage(config, smoke="smoke" in budgets)
+    two_stage(config, smoke="smoke" in budgets)
   return config

@@ -13,6 +13,9 @@ the paper's small-scale protocol (App. C.1), as for CIFAR-100-LT:
 | augmentation | pad 8 + random 64 px crop + flip, on the device | CIFAR's pad-4-of-32 scaled to 64 px (our choice) |
 | rho | 10 (`''` / `:rho10`) or 100 (`:rho100`) | the two ratios the paper reports for calibration (Table 2) |
 
+`,two_stage` after any variant (e.g. `:rho100,two_stage`) is MiSLAS's second
+stage after that run (docs/methods.md), with CIFAR-100-LT's stage-2 settings.
+
 Variant `:smoke`: ResNet-10 width 8 on the rho = 100 split (21,549 images),
 2 epochs of batch 512 (84 steps), 1,000 test images; a CPU end-to-end check
 (300-500 images/s on 2 shared cores, ~2-3 min).
@@ -25,9 +28,12 @@ VARIANTS = ("", "rho10", "rho100", "smoke")
 
 
 def get_config(arg: str = ""):
-  """Returns the ConfigDict; `arg` is '', 'rho10', 'rho100' or 'smoke'."""
-  if arg not in VARIANTS:
-    raise ConfigError(f"unknown config variant {arg!r}; allowed: {list(VARIANTS)}.")
+  """Returns the ConfigDict; `arg` is '', 'rho10', 'rho100' or 'smoke', optionally
+  followed by ',two_stage' (MiSLAS's second stage after that run, common.two_stage)."""
+  arg, _, stage = (arg or "").partition(",")
+  if arg not in VARIANTS or stage not in ("", "two_stage"):
+    raise ConfigError(f"unknown config variant {arg!r}; allowed: {list(VARIANTS)}, each "
+                      "optionally followed by ',two_stage'.")
   config = common.paper_config(dataset="tiny_imagenet_lt", num_classes=200, tau=0.0)
   config.dataset.imbalance_ratio = 100.0 if arg == "rho100" else 10.0
   config.dataset.crop_padding = 8
@@ -44,4 +50,6 @@ def get_config(arg: str = ""):
     config.eval_every_epochs = config.checkpoint_every_epochs = 1
     config.log_every_steps = 8
     config.tensorboard = False
+  if stage:
+    common.two_stage(config, smoke=arg == "smoke")
   return config

@@ -224,3 +224,15 @@ def test_two_stage_grid_smoke(tmp_path, cifar10_file):
   las = json.loads((tmp_path / "stage2__las__seed0" / "summary.json").read_text())
   assert (las["config"]["loss"]["name"], las["config"]["sampler"]["name"]) == (
       "las", "class_balanced")
+
+
+def test_tiny_imagenet_two_stage_takes_the_many_class_settings():
+  from configs import tiny_imagenet_lt  # pylint: disable=g-import-not-at-top
+  config = tiny_imagenet_lt.get_config("rho100,two_stage")
+  assert (config.stage2.enabled, config.num_epochs, config.dataset.imbalance_ratio) == (
+      True, 10, 100.0)
+  assert (config.loss.las_head, config.loss.las_tail, config.stage2.batchnorm) == (
+      0.4, 0.1, "shift")
+  assert tiny_imagenet_lt.get_config("smoke,two_stage").model.depth == 10
+  with pytest.raises(ConfigError, match="two_stage"):
+    tiny_imagenet_lt.get_config("smoke,three_stage")
