@@ -24,9 +24,7 @@ unlabelled test set (calibration/prior_table.py): prior_estimation.md /
 .csv / .png.
 """
 
-import csv
 import dataclasses
-import io
 import json
 import logging
 from typing import Callable, Iterator, Optional
@@ -242,14 +240,6 @@ def _check_bayias_run(run: Run, rho, n_per_class):
                     run.config.loss.get("test_prior"))
 
 
-def _write_csv(path, rows) -> None:
-  text = io.StringIO()
-  writer = csv.DictWriter(text, fieldnames=list(rows[0]))
-  writer.writeheader()
-  writer.writerows(rows)
-  storage.write_text(path, text.getvalue())
-
-
 def _label_shift_section(run, workdir, test_rhos, seed, bayias_runs, compare_runs,
                          test_subset, out) -> tuple:
   """label_shift.md / .csv of this run, --bayias_runs and --compare_runs: (rows, table)."""
@@ -273,7 +263,7 @@ def _label_shift_section(run, workdir, test_rhos, seed, bayias_runs, compare_run
   table = label_shift_markdown(rows, description)
   storage.write_text(out / "label_shift.md",
                      "# Test label shift (Table D2 protocol)\n\n" + table)
-  _write_csv(out / "label_shift.csv", rows)
+  storage.write_csv(out / "label_shift.csv", rows)
   return rows, table
 
 
@@ -328,7 +318,7 @@ def evaluate_workdir(workdir, checkpoint=None, test_rhos=(1.0,), val_per_class=5
         "estimate's L1 distance to the resampled set's true label proportions."))
     storage.write_text(out / "prior_estimation.md",
                        "# Unknown test prior: estimated from the test set\n\n" + table)
-    _write_csv(out / "prior_estimation.csv", rows)
+    storage.write_csv(out / "prior_estimation.csv", rows)
     from lt_calib.calibration import plots  # pylint: disable=g-import-not-at-top  # matplotlib.
     plots.accuracy_against_test_rho(rows, out / "prior_estimation.png", title)
     extra.append(("Estimated test priors (prior_estimation.md)", table))

@@ -96,7 +96,8 @@ def _tfds_version(name: str) -> str:
   return str(tfds.builder(name).version)
 
 
-def _read(path) -> dict | None:
+def read_json(path) -> dict | None:
+  """A JSON file's content, or None where it does not exist."""
   return json.loads(path.read_text()) if path.exists() else None
 
 
@@ -118,11 +119,11 @@ def check(workdir, config, identity: dict, allow_change: bool) -> dict:
       `allow_change` is False.
   """
   workdir = epath.Path(workdir)
-  saved_config = _read(workdir / "config.json")
+  saved_config = read_json(workdir / "config.json")
   if saved_config is None:
     return {}
   changes = config_differences(saved_config, config)
-  saved_run = _read(workdir / "run.json") or {}
+  saved_run = read_json(workdir / "run.json") or {}
   if saved_run.get("data") not in (None, identity):
     changes["data"] = [saved_run["data"], identity]
   if changes and not allow_change:
@@ -144,7 +145,7 @@ def write(workdir, config, identity: dict, changes: dict, step: int,
   (lt_calib/train/two_stage.py), kept in run.json; None for other runs.
   """
   workdir = epath.Path(workdir)
-  record = _read(workdir / "run.json") or {"config_changes": []}
+  record = read_json(workdir / "run.json") or {"config_changes": []}
   record["data"] = identity
   if first_stage is not None:
     record["first_stage"] = first_stage

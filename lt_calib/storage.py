@@ -14,6 +14,8 @@ rename, on an object store because an object is only visible once uploaded.
 Appends (the JSON-lines logs) cost one small write each, not a rewrite.
 """
 
+import csv
+import io
 import os
 import pathlib
 import re
@@ -83,6 +85,15 @@ def write_text(path, text: str) -> None:
 # retries it (its retry rules): without a bound, a connection that never
 # answers stalls the read (or the tf.data worker waiting on it) for good.
 GCS_REQUEST_TIMEOUT_S = 120
+
+
+def write_csv(path, rows: list) -> None:
+  """`rows` (dicts with the same keys) as a CSV file with a header, written whole."""
+  text = io.StringIO()
+  writer = csv.DictWriter(text, fieldnames=list(rows[0]))
+  writer.writeheader()
+  writer.writerows(rows)
+  write_text(path, text.getvalue())
 
 
 def gcs_filesystem():

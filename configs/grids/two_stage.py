@@ -30,19 +30,10 @@ import ml_collections
 from configs import cifar100_lt, cifar10_lt, common
 from configs.grids import fidelity
 from lt_calib.errors import ConfigError
+from lt_calib.run_identity import flatten
 
 DATASETS = {"cifar10": cifar10_lt.get_config, "cifar100": cifar100_lt.get_config}
 FIRST = ("unimix", "bayias")
-
-
-def _flat(config, prefix: str = "") -> dict:
-  flat = {}
-  for key, value in config.items():
-    if isinstance(value, ml_collections.ConfigDict):
-      flat.update(_flat(value, f"{prefix}{key}."))
-    else:
-      flat[f"{prefix}{key}"] = value
-  return flat
 
 
 def stage2_preset(base: ml_collections.ConfigDict, budget: str) -> tuple:
@@ -50,7 +41,7 @@ def stage2_preset(base: ml_collections.ConfigDict, budget: str) -> tuple:
   stage2 = common.apply_variant(base.copy_and_resolve_references(), "two_stage")
   if budget == "smoke":
     stage2.num_epochs, stage2.batch_size = 1, base.batch_size
-  before, after = _flat(base), _flat(stage2)
+  before, after = flatten(base.to_dict()), flatten(stage2.to_dict())
   changed = tuple((k, v) for k, v in after.items()
                   if before.get(k) != v and not k.startswith("loss.name"))
   return changed + (("stage2.first_stage", "{}__{}__seed{{seed}}".format(*FIRST)),)

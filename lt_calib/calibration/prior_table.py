@@ -212,8 +212,6 @@ def write_mean_table(run_dirs, out, description: str = "") -> list:
   Raises:
     ConfigError: a folder without an evaluation.json holding such a table.
   """
-  import csv  # pylint: disable=g-import-not-at-top
-  import io  # pylint: disable=g-import-not-at-top
   import json  # pylint: disable=g-import-not-at-top
   from lt_calib import storage  # pylint: disable=g-import-not-at-top
   row_lists = []
@@ -228,11 +226,7 @@ def write_mean_table(run_dirs, out, description: str = "") -> list:
   out = storage.as_path(out)
   out.mkdir(parents=True, exist_ok=True)
   storage.write_text(out / "prior_estimation_mean.md", markdown(averaged, description))
-  text = io.StringIO()
-  writer = csv.DictWriter(text, fieldnames=list(averaged[0]))
-  writer.writeheader()
-  writer.writerows(averaged)
-  storage.write_text(out / "prior_estimation_mean.csv", text.getvalue())
+  storage.write_csv(out / "prior_estimation_mean.csv", averaged)
   return averaged
 
 

@@ -20,8 +20,6 @@ resume, summary and report. This module is what differs at its start:
 The optimizer (train/state.py) and the step (train/step.py) do the freezing.
 """
 
-import json
-
 from lt_calib import checkpointing, parallel, run_identity, storage
 from lt_calib.errors import ConfigError, WorkdirError
 from lt_calib.train.state import classifier_only
@@ -29,10 +27,6 @@ from lt_calib.train.state import classifier_only
 # What a second stage must share with its first: the network and the data it
 # was trained on (fields that only say where the data is read from may differ).
 SHARED_PREFIXES = ("model.", "dataset.")
-
-
-def _read_json(path):
-  return json.loads(path.read_text()) if path.exists() else None
 
 
 def first_stage_record(config) -> dict | None:
@@ -57,8 +51,8 @@ def first_stage_record(config) -> dict | None:
                       "--config.stage2.first_stage=DIR (a finished run of this config "
                       "without ':two_stage').")
   workdir = storage.as_path(where)
-  summary = _read_json(workdir / "summary.json")
-  saved = _read_json(workdir / "config.json")
+  summary = run_identity.read_json(workdir / "summary.json")
+  saved = run_identity.read_json(workdir / "config.json")
   if summary is None or saved is None:
     raise WorkdirError(f"stage2.first_stage={where} holds no finished run (no "
                        "summary.json); train the first stage to its end first.")
@@ -128,7 +122,7 @@ def check_unchanged(workdir, record: dict | None) -> None:
   Raises:
     WorkdirError: run.json names a first stage with another fingerprint.
   """
-  saved = (_read_json(storage.as_path(workdir) / "run.json") or {}).get("first_stage")
+  saved = (run_identity.read_json(storage.as_path(workdir) / "run.json") or {}).get("first_stage")
   if record is None or saved is None or saved["fingerprint"] == record["fingerprint"]:
     return
   raise WorkdirError(f"workdir {workdir} continued another first stage (fingerprint "
