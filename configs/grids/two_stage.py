@@ -22,17 +22,21 @@ so first stages train first; run the grid in one process (not --workers).
   first stage).
 - 'smoke': ResNet-8 of width 4, one epoch of each stage, 1 seed: checks the
   machinery.
-- 'dataset=cifar10|cifar100': the other dataset.
+- 'dataset=cifar10|cifar100|tiny_imagenet': the dataset. Tiny-ImageNet-LT
+  (rho 100, offline) takes its own budgets from `tiny_imagenet.py` (the
+  'cpu' one: ResNet-10 of width 16, 10 epochs, evaluated every 2) and its
+  config's second stage (CIFAR-100-LT's MiSLAS settings).
 """
 
 import ml_collections
 
 from configs import cifar100_lt, cifar10_lt, common
-from configs.grids import fidelity
+from configs.grids import fidelity, tiny_imagenet
 from lt_calib.errors import ConfigError
 from lt_calib.run_identity import flatten
 
-DATASETS = {"cifar10": cifar10_lt.get_config, "cifar100": cifar100_lt.get_config}
+DATASETS = {"cifar10": cifar10_lt.get_config, "cifar100": cifar100_lt.get_config,
+            "tiny_imagenet": None}
 FIRST = ("unimix", "bayias")
 
 
@@ -58,7 +62,10 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
                       f"{fidelity.BUDGETS} and dataset= one of {sorted(DATASETS)}.")
   budget = budgets[0] if budgets else ""
   dataset = datasets[0] if datasets else ("cifar100" if not budget else "cifar10")
-  base = fidelity.base_config(budget, DATASETS[dataset]())
+  if dataset == "tiny_imagenet":
+    base = tiny_imagenet.base_config(budget, rho=100.0)
+  else:
+    base = fidelity.base_config(budget, DATASETS[dataset]())
   grid = ml_collections.ConfigDict()
   grid.title = (f"Table D3: the paper's run, then a second stage ({dataset}-LT, "
                 f"{budget or 'paper protocol'})")
