@@ -8,10 +8,26 @@
   CIFAR's cost.
 """
 
+import os
+import re
+
 import numpy as np
 
 from lt_calib import config_fields
 from lt_calib.data import long_tail, sources
+
+
+def xla_environment(devices: int, **extra) -> dict:
+  """This process's environment for a subprocess on `devices` CPU devices.
+
+  Keeps the session's other XLA flags (conftest's optimisation level), so
+  that a subprocess compiles the programs this process does.
+  """
+  flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "",
+                 os.environ.get("XLA_FLAGS", ""))
+  return {**os.environ, "JAX_PLATFORMS": "cpu",
+          "XLA_FLAGS": f"{flags} --xla_force_host_platform_device_count={devices}".strip(),
+          **extra}
 
 
 def tiny_config(**overrides):

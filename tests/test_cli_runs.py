@@ -8,7 +8,6 @@ in-process run of the same config (`tiny_run`), bit for bit.
 
 import copy
 import json
-import os
 import pathlib
 import signal
 import subprocess
@@ -20,6 +19,7 @@ import pytest
 
 from lt_calib import check, checkpointing
 from tests.conftest import REPO
+from tests.helpers import xla_environment
 
 pytestmark = pytest.mark.slow  # Every test trains, in processes of its own.
 
@@ -29,8 +29,7 @@ TINY = ["--config=configs/cifar10_lt.py:smoke", "--config.model.width=4",
 
 
 def environment(devices=1, **extra):
-  return {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1",
-          "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", **extra}
+  return xla_environment(devices, PYTHONUNBUFFERED="1", **extra)
 
 
 def main_command(workdir, *flags):

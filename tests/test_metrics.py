@@ -18,6 +18,7 @@ import sklearn.metrics
 
 from lt_calib.calibration import metrics
 from lt_calib.calibration import summary as summary_lib
+from tests.helpers import xla_environment
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -313,6 +314,7 @@ DEVICE_SCRIPT = """
 import json
 import jax, jax.numpy as jnp, numpy as np
 from lt_calib.calibration import summary as summary_lib
+from tests.helpers import xla_environment
 assert len(jax.devices()) == 8, jax.devices()
 rng = np.random.default_rng(7)
 n, c, padded = 797, 12, 800
@@ -334,10 +336,8 @@ print(json.dumps({"metrics": summary_lib.metrics_from_statistics(
 
 
 def test_sharded_batch_statistics_match_summarize():
-  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
-         "JAX_PLATFORMS": "cpu",
-         "PYTHONPATH": os.pathsep.join([str(REPO),
-                                        os.environ.get("PYTHONPATH", "")])}
+  env = xla_environment(
+      8, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
   result = subprocess.run(
       [sys.executable, "-c", DEVICE_SCRIPT % json.dumps(TRAIN_COUNTS)],
       env=env, cwd=REPO, capture_output=True, text=True, timeout=120,

@@ -6,7 +6,6 @@ runs whose data is not under test train on the separable synthetic set.
 
 import hashlib
 import json
-import os
 import subprocess
 import sys
 from types import SimpleNamespace
@@ -21,7 +20,7 @@ from lt_calib.errors import WorkdirError
 from lt_calib.train import loop, trainer
 from lt_calib.train import setup as setup_lib
 from tests.conftest import REPO
-from tests.helpers import synthetic_config, synthetic_dataset, tiny_config
+from tests.helpers import synthetic_config, synthetic_dataset, tiny_config, xla_environment
 
 
 def final_params(workdir):
@@ -135,8 +134,7 @@ def test_eight_devices_match_one(tmp_path, tiny_run):
   # The 8-device run compiles with a cache of its own, from empty: a cold
   # start, whose counters must say so (test_cli_runs.py has the warm one).
   cache = tmp_path / "cache"
-  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
-         "JAX_PLATFORMS": "cpu", "JAX_COMPILATION_CACHE_DIR": str(cache)}
+  env = xla_environment(8, JAX_COMPILATION_CACHE_DIR=str(cache))
   overrides = ["--config.model.width=4", "--config.batch_size=1024",
                "--config.dataset.test_subset=200", "--config.log_every_steps=4"]
   result = subprocess.run([sys.executable, "-m", "lt_calib.main",

@@ -236,3 +236,19 @@ def test_tiny_imagenet_two_stage_takes_the_many_class_settings():
   assert tiny_imagenet_lt.get_config("smoke,two_stage").model.depth == 10
   with pytest.raises(ConfigError, match="two_stage"):
     tiny_imagenet_lt.get_config("smoke,three_stage")
+
+
+def test_two_stage_grid_on_tiny_imagenet_builds_on_its_reduced_protocol():
+  from configs.grids import tiny_imagenet  # pylint: disable=g-import-not-at-top
+  from configs.grids import two_stage as grid_config  # pylint: disable=g-import-not-at-top
+  grid = grid_config.get_config("cpu,dataset=tiny_imagenet")
+  # The first stage is the Tiny grid's own CPU cell (ResNet-10 w16, 10 epochs), rho 100.
+  assert grid.base.to_dict() == tiny_imagenet.base_config("cpu", rho=100.0).to_dict()
+  assert (grid.base.dataset.num_classes, grid.base.model.depth, grid.base.model.width) == (
+      200, 10, 16)
+  stage2 = dict(grid.mix_presets.stage2)
+  # CIFAR-100-LT's MiSLAS values (the many-class setting), as `:rho100,two_stage`.
+  assert (stage2["loss.las_head"], stage2["loss.las_tail"], stage2["stage2.batchnorm"]) == (
+      0.4, 0.1, "shift")
+  assert stage2["stage2.first_stage"] == "unimix__bayias__seed{seed}"
+  assert grid.seeds == (0, 1, 2)
