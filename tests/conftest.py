@@ -43,8 +43,17 @@ def cifar10_file():
 
 @pytest.fixture(scope="session", autouse=True)
 def decoded_cache(tmp_path_factory):
-  """One decoded-image cache for the whole session (decoding costs seconds)."""
-  path = os.environ.get("LT_CALIB_CACHE_DIR") or str(tmp_path_factory.mktemp("cache"))
+  """One decoded-image cache for the whole session (decoding costs seconds).
+
+  Shared by the pytest-xdist workers (their common base folder, as
+  `tiny_run`): the cache writes each file atomically, so the second worker
+  reads what the first decoded instead of decoding it again.
+  """
+  shared = tmp_path_factory.getbasetemp()
+  if os.environ.get("PYTEST_XDIST_WORKER"):  # Each worker's base is pytest-N/popen-gwK.
+    shared = shared.parent
+  path = os.environ.get("LT_CALIB_CACHE_DIR") or str(shared / "decoded_cache")
+  os.makedirs(path, exist_ok=True)
   os.environ["LT_CALIB_CACHE_DIR"] = path
   return path
 

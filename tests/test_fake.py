@@ -89,6 +89,7 @@ def test_class_signal_is_learnable(imagenet_like):
   assert (predicted == test_y).mean() >= 0.8
 
 
+@pytest.mark.slow  # Starts a process.
 def test_command_line(tmp_path):
   result = subprocess.run(
       [sys.executable, "-m", "lt_calib.data.fake", f"--out={tmp_path}", "--classes=3",

@@ -335,6 +335,7 @@ print(json.dumps({"metrics": summary_lib.metrics_from_statistics(
 """
 
 
+@pytest.mark.slow  # Starts an 8-device process.
 def test_sharded_batch_statistics_match_summarize():
   env = xla_environment(
       8, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))

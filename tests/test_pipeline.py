@@ -523,6 +523,7 @@ def test_tfds_inat2018_matches_ids_by_list_role(tmp_path):
   same_batches(from_tfds, streaming.load_streaming_dataset(config(root, **common)), 8142)
 
 
+@pytest.mark.slow  # Starts a process.
 def test_imports_and_list_loading_need_no_tensorflow(fake_root):
   # As if TensorFlow were not installed: None in sys.modules makes `import`
   # fail and importlib.util.find_spec (which etils.epath asks) answer None.

@@ -90,6 +90,7 @@ def test_unimix_moves_the_boundary_back_towards_the_ideal():
     assert mean["balanced"]["band_deviation"] < mean[m]["band_deviation"]
 
 
+@pytest.mark.slow  # Runs the experiment and draws its figure.
 def test_write_outputs(tmp_path):
   setup = synthetic.Setup(m=200, n=10)
   rows, summary, fits = synthetic.run(range(2), setup)

@@ -68,6 +68,7 @@ def test_run_starts_and_stops_the_mps_daemon_around_the_workers(tmp_path, monkey
   assert sorted("".join(s[2:]) for s in seen) == sorted(expected)
 
 
+@pytest.mark.slow  # Starts a process.
 def test_grid_prints_its_worker_plan(tmp_path):
   from tests.conftest import REPO  # pylint: disable=g-import-not-at-top
   import subprocess  # pylint: disable=g-import-not-at-top
