@@ -141,9 +141,14 @@ def validation_logits(run: Run, per_class: int):
 
 
 def shifted_log_prior(labels, indices, num_classes) -> np.ndarray:
-  """log pi' of a resampled test set: its exact label proportions."""
+  """log pi' of a resampled test set: its exact label proportions.
+
+  A class the resampling left out (a steep rho' with few test images per
+  class) has pi' = 0: log 0 = -inf, which moves its probability to 0.
+  """
   counts = np.bincount(np.asarray(labels)[indices], minlength=num_classes)
-  return np.log(counts / counts.sum())
+  with np.errstate(divide="ignore"):  # The -inf is meant; no warning for the user.
+    return np.log(counts / counts.sum())
 
 
 def run_name(run: Run) -> str:

@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 
 import ml_collections
 import numpy as np
@@ -168,3 +169,12 @@ def test_evaluate_cli_estimates_test_priors(tiny_run, tmp_path):
       env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True, text=True, timeout=300)
   assert refused.returncode == 2
   assert refused.stderr.splitlines()[-1].startswith("error: --test_prior=bbse needs")
+
+
+def test_shifted_log_prior_gives_absent_classes_minus_infinity_without_a_warning():
+  labels = np.array([0, 0, 1, 1, 2, 2])
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")  # numpy's divide-by-zero warning would fail here.
+    log_prior = evaluate.shifted_log_prior(labels, np.array([0, 1, 2]), 3)
+  np.testing.assert_allclose(np.exp(log_prior), [2 / 3, 1 / 3, 0])
+  assert log_prior[2] == -np.inf
