@@ -35,8 +35,12 @@ from configs.grids import fidelity, tiny_imagenet
 from lt_calib.errors import ConfigError
 from lt_calib.run_identity import flatten
 
-DATASETS = {"cifar10": cifar10_lt.get_config, "cifar100": cifar100_lt.get_config,
-            "tiny_imagenet": None}
+# Each dataset's first-stage base config at a budget ('', 'cpu', 'smoke').
+DATASETS = {
+    "cifar10": lambda budget: fidelity.base_config(budget, cifar10_lt.get_config()),
+    "cifar100": lambda budget: fidelity.base_config(budget, cifar100_lt.get_config()),
+    "tiny_imagenet": lambda budget: tiny_imagenet.base_config(budget, rho=100.0),
+}
 FIRST = ("unimix", "bayias")
 
 
@@ -62,10 +66,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
                       f"{fidelity.BUDGETS} and dataset= one of {sorted(DATASETS)}.")
   budget = budgets[0] if budgets else ""
   dataset = datasets[0] if datasets else ("cifar100" if not budget else "cifar10")
-  if dataset == "tiny_imagenet":
-    base = tiny_imagenet.base_config(budget, rho=100.0)
-  else:
-    base = fidelity.base_config(budget, DATASETS[dataset]())
+  base = DATASETS[dataset](budget)
   grid = ml_collections.ConfigDict()
   grid.title = (f"Table D3: the paper's run, then a second stage ({dataset}-LT, "
                 f"{budget or 'paper protocol'})")
