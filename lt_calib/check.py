@@ -162,6 +162,17 @@ def compare(label: str, a: dict, b: dict, exact: bool) -> bool:
   return ok
 
 
+def host_device_xla_flags(count: int) -> str:
+  """This process's XLA_FLAGS with the CPU host device count set to `count`.
+
+  Every other flag is kept, so a process started with them compiles as this
+  one does.
+  """
+  flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "",
+                 os.environ.get("XLA_FLAGS", ""))
+  return f"{flags} --xla_force_host_platform_device_count={count}".strip()
+
+
 def device_environments() -> tuple:
   """(label, env) of the full device count and of half of it."""
   import jax  # pylint: disable=g-import-not-at-top
@@ -171,9 +182,7 @@ def device_environments() -> tuple:
                       f"{count} (on CPU, set XLA_FLAGS=--xla_force_host_platform_device_count=8).")
   half = count // 2
   if backend == "cpu":
-    flags_now = re.sub(r"--xla_force_host_platform_device_count=\d+", "",
-                       os.environ.get("XLA_FLAGS", ""))
-    make = lambda n: {"XLA_FLAGS": f"{flags_now} --xla_force_host_platform_device_count={n}"}
+    make = lambda n: {"XLA_FLAGS": host_device_xla_flags(n)}
   elif backend == "gpu":
     make = lambda n: {"CUDA_VISIBLE_DEVICES": ",".join(str(i) for i in range(n))}
   else:

@@ -41,6 +41,13 @@ def cifar10_file():
   return path
 
 
+def shared_folder(tmp_path_factory):
+  """The session's base folder that every pytest-xdist worker sees."""
+  base = tmp_path_factory.getbasetemp()
+  # Each worker's base is pytest-N/popen-gwK: its parent is common to all.
+  return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
 @pytest.fixture(scope="session", autouse=True)
 def decoded_cache(tmp_path_factory):
   """One decoded-image cache for the whole session (decoding costs seconds).
@@ -49,9 +56,7 @@ def decoded_cache(tmp_path_factory):
   `tiny_run`): the cache writes each file atomically, so the second worker
   reads what the first decoded instead of decoding it again.
   """
-  shared = tmp_path_factory.getbasetemp()
-  if os.environ.get("PYTEST_XDIST_WORKER"):  # Each worker's base is pytest-N/popen-gwK.
-    shared = shared.parent
+  shared = shared_folder(tmp_path_factory)
   path = os.environ.get("LT_CALIB_CACHE_DIR") or str(shared / "decoded_cache")
   os.makedirs(path, exist_ok=True)
   os.environ["LT_CALIB_CACHE_DIR"] = path
@@ -83,9 +88,7 @@ def tiny_run(tmp_path_factory, cifar10_file):
   del cifar10_file
   from lt_calib.train import trainer  # pylint: disable=g-import-not-at-top
   from tests.helpers import tiny_config  # pylint: disable=g-import-not-at-top
-  shared = tmp_path_factory.getbasetemp()
-  if os.environ.get("PYTEST_XDIST_WORKER"):  # Each worker's base is pytest-N/popen-gwK.
-    shared = shared.parent
+  shared = shared_folder(tmp_path_factory)
   workdir = shared / "tiny_run"
   with open(shared / "tiny_run.lock", "w") as lock:
     fcntl.flock(lock, fcntl.LOCK_EX)

@@ -9,11 +9,10 @@
 """
 
 import os
-import re
 
 import numpy as np
 
-from lt_calib import config_fields
+from lt_calib import check, config_fields
 from lt_calib.data import long_tail, sources
 
 
@@ -23,11 +22,8 @@ def xla_environment(devices: int, **extra) -> dict:
   Keeps the session's other XLA flags (conftest's optimisation level), so
   that a subprocess compiles the programs this process does.
   """
-  flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "",
-                 os.environ.get("XLA_FLAGS", ""))
   return {**os.environ, "JAX_PLATFORMS": "cpu",
-          "XLA_FLAGS": f"{flags} --xla_force_host_platform_device_count={devices}".strip(),
-          **extra}
+          "XLA_FLAGS": check.host_device_xla_flags(devices), **extra}
 
 
 def tiny_config(**overrides):
