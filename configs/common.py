@@ -25,6 +25,10 @@ def paper_config(dataset: str, num_classes: int, tau: float) -> ml_collections.C
       cache_dir="",            # Decoded-image cache; default ~/.cache/lt_calib.
       imbalance_ratio=100.0,   # rho = n_max / n_min.
       imbalance_type="exp",    # 'exp' or 'step'.
+      # Images of the largest class (n_max of the LT rule); 0 = all the pool
+      # has (CIFAR: 5,000 / 500 a class). Smaller values keep the first n_c of
+      # each class's LT order: a nested subset of the standard split.
+      n_max=0,
       lt_seed=0,               # np.random.seed of the standard CIFAR-LT rule.
       zero_count_smoothing=0.0,
       test_subset=0,           # 0 = whole balanced test set.

@@ -47,7 +47,7 @@ def config_dict(config) -> dict:
 FIELDS_ADDED_LATER = {
     "optim.schedule": "steps", "loss.las_head": 0.3, "loss.las_tail": 0.0,
     "loss.las_shape": "concave", "stage2.enabled": False, "stage2.first_stage": "",
-    "stage2.batchnorm": "frozen",
+    "stage2.batchnorm": "frozen", "dataset.n_max": 0,
 }
 
 

@@ -1,8 +1,8 @@
 """The trainer as users run it: console, preemption, crashes, the compilation cache, checks.
 
 The tests start `python -m lt_calib.main` (or `lt_calib.check`) in fresh
-processes on a tiny CIFAR-10-LT config (ResNet-8 of width 4, 12 steps of
-1,024 images per epoch, 200 test images) and compare with the session's
+processes on a tiny CIFAR-10-LT config (helpers.TINY_FLAGS: ResNet-8 of width
+4, 12 steps of 128 images per epoch, 200 test images) and compare with the session's
 in-process run of the same config (`tiny_run`), bit for bit.
 """
 
@@ -19,13 +19,11 @@ import pytest
 
 from lt_calib import check, checkpointing
 from tests.conftest import REPO
-from tests.helpers import xla_environment
+from tests.helpers import TINY_FLAGS, xla_environment
 
 pytestmark = pytest.mark.slow  # Every test trains, in processes of its own.
 
-TINY = ["--config=configs/cifar10_lt.py:smoke", "--config.model.width=4",
-        "--config.batch_size=1024", "--config.dataset.test_subset=200",
-        "--config.log_every_steps=4"]
+TINY = TINY_FLAGS
 
 
 def environment(devices=1, **extra):

@@ -8,7 +8,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from configs import imagenet_lt
+from lt_calib import config_checks
 from lt_calib.data import sources
+from lt_calib.errors import ConfigError
 from tests.helpers import tiny_config
 
 
@@ -31,7 +34,7 @@ def write_npz(path, train_labels, test_labels, size=32):
 
 
 def test_offline_cifar10_long_tail(cifar10_file):
-  config = tiny_config()
+  config = tiny_config(dataset__n_max=0)  # The standard split: all 5,000 of class 0.
   data = sources.load_dataset(config.dataset)
   assert data.source == f"offline:{cifar10_file}"
   assert data.prior.counts.tolist() == [5000, 2997, 1796, 1077, 645, 387, 232, 139, 83, 50]
@@ -148,3 +151,22 @@ def test_second_generation_copy_from_the_command_line(tmp_path):
   # same-grid, same-quality re-encode.
   assert (record["psnr_second_generation_vs_stored"]["test"]
           < record["psnr_same_grid_reencode_vs_stored_test"] - 5)
+
+
+def test_n_max_keeps_the_first_images_of_each_class_of_the_standard_split(cifar10_file):
+  with np.load(cifar10_file, allow_pickle=False) as archive:
+    pool = archive["train_labels"]
+  info = sources.get_info("cifar10")
+  standard = sources.train_indices(info, pool, tiny_config(dataset__n_max=0).dataset)
+  small = sources.train_indices(info, pool, tiny_config(dataset__n_max=625).dataset)
+  # int(625 * 0.01 ** (c / 9)) by hand: 625, 374.7, 224.7, 134.7, 80.7, 48.4, ...
+  counts = [625, 374, 224, 134, 80, 48, 29, 17, 10, 6]
+  assert np.bincount(pool[small], minlength=10).tolist() == counts
+  for c, n in enumerate(counts):  # The same LT order, cut shorter.
+    np.testing.assert_array_equal(small[pool[small] == c], standard[pool[standard] == c][:n])
+  with pytest.raises(ConfigError, match=r"dataset.n_max=5001 is outside \[1, 5000\]"):
+    config_checks.check_config(tiny_config(dataset__n_max=5001))
+  streamed = imagenet_lt.get_config("smoke")
+  streamed.dataset.n_max = 100
+  with pytest.raises(ConfigError, match="dataset.n_max=100 applies to the in-memory"):
+    config_checks.check_config(streamed)

@@ -32,7 +32,7 @@ def test_validation_indices_avoid_training_set_and_record_shortfall():
 
 
 def test_cifar10_validation_split_leaves_the_lt_training_set_unchanged(cifar10_file):
-  cfg = tiny_config().dataset
+  cfg = tiny_config(dataset__n_max=0).dataset
   with np.load(cifar10_file, allow_pickle=False) as archive:
     pool = archive["train_labels"]
   info = sources.get_info("cifar10")
@@ -109,7 +109,9 @@ def test_evaluate_cli_writes_every_picture_and_tables(tiny_run, tmp_path):
   # The restored checkpoint gives the training run's own final numbers.
   assert result["summary"]["top1"] == pytest.approx(summary["final"]["top1"])
   assert result["summary"]["nll"] == pytest.approx(summary["final"]["nll"], rel=1e-4)
-  assert result["temperature"]["val_count_per_class"] == [0] + [10] * 9
+  # At n_max 625 every class keeps pool images out of training, class 0 too
+  # (the standard split leaves it none: test_cifar10_validation_split_...).
+  assert result["temperature"]["val_count_per_class"] == [10] * 10
 
 
 @pytest.mark.slow
@@ -122,7 +124,7 @@ def test_training_report_call(tiny_run, tmp_path):
       run.dataset.prior.counts, validation=evaluate.validation_logits(run, 5))
   saved = json.loads((tmp_path / "report.json").read_text())
   assert saved["raw"] == summary
-  assert saved["temperature"]["val_count_per_class"] == [0] + [5] * 9
+  assert saved["temperature"]["val_count_per_class"] == [5] * 10
   assert (tmp_path / "reliability_temperature.png").exists()
   with pytest.raises(FileNotFoundError, match="checkpoint 7"):
     evaluate.load_run(workdir, checkpoint=7, test_subset=200)

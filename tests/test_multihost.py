@@ -3,8 +3,8 @@
 Each run is tests/drivers/train_on_mesh.py (`python -m lt_calib.main` that
 picks the mesh's device order) in 2 processes of 2 CPU devices each, joined
 by JAX's distributed runtime. In memory it trains on tests/helpers.py's
-synthetic dataset (11 steps of 32 images an epoch, 3 epochs, compiled chunks
-of 4 steps); streamed, on a generated 12-class image list.
+synthetic dataset (10 steps of 36 images an epoch, 3 epochs, compiled chunks
+of 5 steps); streamed, on a generated 12-class image list.
 """
 
 import json
@@ -28,13 +28,15 @@ from tests.test_streaming_train import streamed_config
 
 pytestmark = pytest.mark.slow
 
-# Compiled chunks of 4 steps, a log line every 4 steps, 3 epochs of 11: the
-# host looks in at each epoch's end (steps 11, 22, 33), and SIGTERM lands
-# while the devices run a stretch.
-PREEMPTIBLE = [*TINY, "--config.batch_size=32", "--config.num_epochs=3",
+# Compiled chunks of 5 steps, a log line every 5 steps, 3 epochs of 10
+# (360 images in batches of 36): the host looks in at each epoch's end
+# (steps 10, 20, 30), and SIGTERM lands while the devices run a stretch.
+# Two chunks make an epoch, so no single-step program is compiled: each
+# process compiles its own (JAX's cache keeps only process 0's).
+PREEMPTIBLE = [*TINY, "--config.batch_size=36", "--config.num_epochs=3",
                "--config.dataset.crop_padding=1", "--config.mix.stop_epoch=2",
-               "--config.steps_per_dispatch=4", "--synthetic"]
-EPOCH, TOTAL = 11, 33
+               "--config.steps_per_dispatch=5", "--config.log_every_steps=5", "--synthetic"]
+EPOCH, TOTAL, LOG = 10, 30, 5
 
 
 def free_port() -> int:
@@ -111,7 +113,7 @@ def test_sigterm_to_one_host_stops_both_at_one_step_and_resume_is_bit_identical(
              else tmp_path / "preempted")
   processes = start(workdir, "--mesh_order=contiguous")
   deadline = time.time() + 300
-  while not any(r["step"] >= 4 for r in records(f"{workdir}/train_metrics.jsonl")):
+  while not any(r["step"] >= LOG for r in records(f"{workdir}/train_metrics.jsonl")):
     assert all(p.poll() is None for p, _ in processes) and time.time() < deadline, \
         finish(processes)[1]
     time.sleep(0.1)
@@ -129,15 +131,15 @@ def test_sigterm_to_one_host_stops_both_at_one_step_and_resume_is_bit_identical(
   assert summary["environment"]["process_count"] == 2
   # One line per log interval and evaluation: appended, never duplicated.
   assert [r["step"] for r in records(f"{workdir}/train_metrics.jsonl")] == sorted(
-      set(range(4, TOTAL + 1, 4)) | {EPOCH, 2 * EPOCH, TOTAL})
+      set(range(LOG, TOTAL + 1, LOG)) | {EPOCH, 2 * EPOCH, TOTAL})
   assert [r["step"] for r in records(f"{workdir}/metrics.jsonl")] == [EPOCH, 2 * EPOCH, TOTAL]
   if where == "gcs":
     assert read(f"{workdir}/report.md").startswith("# cifar10")  # The report on gs://.
 
 
-def first_loss(workdir) -> float:
+def first_loss(workdir, step) -> float:
   first = records(f"{workdir}/train_metrics.jsonl")[0]
-  assert first["step"] == 4
+  assert first["step"] == step
   return first["loss"]
 
 
@@ -152,7 +154,7 @@ def test_interleaved_mesh_trains_and_evaluates_as_the_contiguous_one(tmp_path, u
   assert [l for l in outputs[1].splitlines() if not l.startswith("[Gloo]")] == []
   assert summary["environment"]["process_count"] == 2
   assert summary["environment"]["device_count"] == 4
-  np.testing.assert_allclose(first_loss(tmp_path),
+  np.testing.assert_allclose(first_loss(tmp_path, LOG),
                              records_of(uninterrupted)[0]["loss"], rtol=1e-5)
   assert summary["num_test_images"] == 128 == uninterrupted["num_test_images"]
   assert abs(summary["final"]["top1"] - uninterrupted["final"]["top1"]) <= 0.01
@@ -198,7 +200,7 @@ def test_streamed_run_from_cloud_storage_on_an_interleaved_mesh(tmp_path, fake_l
   test_lines = (fake_lists / "ImageNet_LT_test.txt").read_text().splitlines()
   assert summary["num_test_images"] == len(test_lines) == CLASSES * 5
   assert summary["data_source"] == f"lists:{data} images:{data}"
-  np.testing.assert_allclose(first_loss(workdir), first_loss(reference), rtol=1e-5)
+  np.testing.assert_allclose(first_loss(workdir, 4), first_loss(reference, 4), rtol=1e-5)
   evaluated = subprocess.run(
       [sys.executable, "-m", "lt_calib.evaluate", f"--workdir={workdir}",
        "--test_rho=1,0.1", "--val_per_class=2"], cwd=REPO, env=environment(1),

@@ -20,7 +20,8 @@ from lt_calib.errors import WorkdirError
 from lt_calib.train import loop, trainer
 from lt_calib.train import setup as setup_lib
 from tests.conftest import REPO
-from tests.helpers import synthetic_config, synthetic_dataset, tiny_config, xla_environment
+from tests.helpers import (TINY_FLAGS, synthetic_config, synthetic_dataset, tiny_config,
+                           xla_environment)
 
 
 def final_params(workdir):
@@ -35,12 +36,15 @@ def test_run_writes_summary_and_metrics(tiny_run, cifar10_file):
   lines = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
   assert [l["epoch"] for l in lines] == [1, 2]
   on_disk = json.loads((tmp_path / "summary.json").read_text())
-  assert on_disk["train_class_counts"] == [5000, 2997, 1796, 1077, 645, 387, 232, 139, 83, 50]
-  assert on_disk["steps"] == 2 * (12406 // 1024) == summary["steps"]
+  # int(625 * 0.01 ** (c / 9)): the CIFAR-LT rule at n_max 625, rho 100.
+  assert on_disk["train_class_counts"] == [625, 374, 224, 134, 80, 48, 29, 17, 10, 6]
+  assert on_disk["steps"] == 2 * (1547 // 128) == summary["steps"] == 24
   final = on_disk["final"]
-  for key in ("top1", "mean_class_acc", "many_acc", "medium_acc", "ece", "mce", "nll"):
+  for key in ("top1", "mean_class_acc", "many_acc", "medium_acc", "few_acc", "ece", "mce",
+              "nll"):
     assert np.isfinite(final[key]), key
-  assert final["few_acc"] is None  # No class has < 20 images at rho = 100.
+  # Few-shot: the classes under 20 images (7, 8, 9), 20 test images each.
+  assert final["few_acc"] == pytest.approx(np.mean(final["per_class_acc"][7:]))
   assert len(final["per_class_acc"]) == 10 and on_disk["config"]["mix"]["name"] == "unimix"
   assert on_disk["best_epoch_top1"]["epoch"] in (1, 2)
   # Provenance: the fingerprint of the final state, also in the checkpoint.
@@ -135,11 +139,8 @@ def test_eight_devices_match_one(tmp_path, tiny_run):
   # start, whose counters must say so (test_cli_runs.py has the warm one).
   cache = tmp_path / "cache"
   env = xla_environment(8, JAX_COMPILATION_CACHE_DIR=str(cache))
-  overrides = ["--config.model.width=4", "--config.batch_size=1024",
-               "--config.dataset.test_subset=200", "--config.log_every_steps=4"]
-  result = subprocess.run([sys.executable, "-m", "lt_calib.main",
-                           "--config=configs/cifar10_lt.py:smoke",
-                           f"--workdir={tmp_path / 'eight'}", *overrides],
+  result = subprocess.run([sys.executable, "-m", "lt_calib.main", *TINY_FLAGS,
+                           f"--workdir={tmp_path / 'eight'}"],
                           cwd=REPO, env=env, capture_output=True, text=True)
   assert result.returncode == 0, result.stderr[-3000:]
   eight = json.loads((tmp_path / "eight" / "summary.json").read_text())

@@ -212,6 +212,7 @@ def test_two_stage_grid_smoke(tmp_path, cifar10_file):
   from lt_calib.experiments import grid as grid_lib  # pylint: disable=g-import-not-at-top
   grid = grid_config.get_config("smoke")
   grid.base.dataset.test_subset = 200
+  grid.base.dataset.n_max, grid.base.batch_size = 625, 128  # helpers.TINY_OVERRIDES' split.
   rows = grid_lib.run_grid(grid, str(tmp_path))
   assert [(r["mix"], r["loss"]) for r in rows] == [
       ("unimix", "bayias"), ("stage2_random", "bayias"), ("stage2", "las"), ("stage2", "ce")]

@@ -183,9 +183,18 @@ def get_info(name: str) -> DatasetInfo:
   return DATASETS[name]
 
 
+def largest_class(info: DatasetInfo, cfg) -> int:
+  """n_max of the long-tail rule: `dataset.n_max`, or all the pool holds (0)."""
+  n_max = int(cfg.get("n_max", 0) or info.n_max)
+  if not 0 < n_max <= info.n_max:
+    raise ConfigError(f"dataset.n_max={n_max} is outside [1, {info.n_max}], the images a "
+                      f"class of {cfg.name!r} has; use 0 (all of them) or a value in that range.")
+  return n_max
+
+
 def train_indices(info: DatasetInfo, labels: np.ndarray, cfg) -> np.ndarray:
   """Indices of the long-tailed training split within the stored pool."""
-  counts = long_tail.long_tail_counts(info.n_max, info.num_classes,
+  counts = long_tail.long_tail_counts(largest_class(info, cfg), info.num_classes,
                                       cfg.imbalance_ratio, cfg.imbalance_type)
   if not info.pool_is_long_tailed:
     return long_tail.select_long_tail(labels, counts, seed=cfg.lt_seed)
