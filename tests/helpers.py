@@ -52,6 +52,18 @@ def override(config, **overrides):
 FAKE_CLASSES = 12
 
 
+def streamed_overrides(root, **overrides) -> dict:
+  """`configs/imagenet_lt.py:smoke` made a run on `build_fake_lists(root)`: dotted fields."""
+  fields = {"dataset.name": "image_list", "dataset.num_classes": FAKE_CLASSES,
+            "dataset.train_list": "ImageNet_LT_train.txt",
+            "dataset.test_list": "ImageNet_LT_test.txt",
+            "dataset.val_list": "ImageNet_LT_val.txt",
+            "dataset.image_root": str(root), "dataset.split_dir": str(root),
+            "model.width": 4, "batch_size": 32, "eval_batch_size": 16, "log_every_steps": 2}
+  fields.update({dotted.replace("__", "."): value for dotted, value in overrides.items()})
+  return fields
+
+
 def build_fake_lists(root):
   """A 12-class image-list dataset in the ImageNet-LT layout (lt_calib.data.fake) at root."""
   from lt_calib.data import fake  # pylint: disable=g-import-not-at-top

@@ -22,7 +22,7 @@ import pytest
 from lt_calib import checkpointing, storage
 from lt_calib.train import trainer
 from tests.conftest import REPO
-from tests.helpers import FAKE_CLASSES, build_fake_lists
+from tests.helpers import FAKE_CLASSES, build_fake_lists, streamed_overrides
 from tests.test_cli_runs import TINY, environment
 from tests.test_streaming_train import streamed_config
 
@@ -173,15 +173,15 @@ def fake_lists(tmp_path_factory):
   return build_fake_lists(tmp_path_factory.mktemp("fake_imagenet_lt"))
 
 
+# The ResNet-8 of the in-memory runs: what is under test is the streamed
+# input on several hosts (the ImageNet ResNet trains in test_streaming_train).
+SMALL_MODEL = dict(log_every_steps=4, model__name="resnet_cifar", model__depth=8)
+
+
 def streamed_flags(root) -> list:
-  return ["--config=configs/imagenet_lt.py:smoke", "--config.dataset.name=image_list",
-          f"--config.dataset.num_classes={CLASSES}",
-          "--config.dataset.train_list=ImageNet_LT_train.txt",
-          "--config.dataset.test_list=ImageNet_LT_test.txt",
-          "--config.dataset.val_list=ImageNet_LT_val.txt",
-          f"--config.dataset.image_root={root}", f"--config.dataset.split_dir={root}",
-          "--config.model.width=4", "--config.batch_size=32",
-          "--config.eval_batch_size=16", "--config.log_every_steps=4"]
+  return ["--config=configs/imagenet_lt.py:smoke",
+          *(f"--config.{field}={value}"
+            for field, value in streamed_overrides(root, **SMALL_MODEL).items())]
 
 
 def test_streamed_run_from_cloud_storage_on_an_interleaved_mesh(tmp_path, fake_lists, gcs):
@@ -192,7 +192,7 @@ def test_streamed_run_from_cloud_storage_on_an_interleaved_mesh(tmp_path, fake_l
   # The reference: this process, one device, to the first logged step (the
   # same global batch and keys; only the order of float reductions differs).
   reference = tmp_path / "one_device"
-  trainer.train_and_evaluate(streamed_config(fake_lists, log_every_steps=4), str(reference),
+  trainer.train_and_evaluate(streamed_config(fake_lists, **SMALL_MODEL), str(reference),
                              stop_at_step=4)
   workdir = gcs.folder("streamed")
   run_to_end(workdir, "--mesh_order=interleaved", config=streamed_flags(data))

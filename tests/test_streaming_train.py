@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 
 from configs import imagenet_lt
+from lt_calib import config_fields
 from lt_calib.train import trainer
-from tests.helpers import FAKE_CLASSES, build_fake_lists, override
+from tests.helpers import FAKE_CLASSES, build_fake_lists, streamed_overrides
 
 CLASSES = FAKE_CLASSES
 
@@ -25,17 +26,9 @@ def fake_root(tmp_path_factory):
 
 
 def streamed_config(root, **overrides):
-  config = imagenet_lt.get_config("smoke")
-  config.dataset.name = "image_list"
-  config.dataset.num_classes = CLASSES
-  config.dataset.train_list = "ImageNet_LT_train.txt"
-  config.dataset.test_list = "ImageNet_LT_test.txt"
-  config.dataset.val_list = "ImageNet_LT_val.txt"
-  config.dataset.image_root = config.dataset.split_dir = str(root)
-  config.model.width = 4
-  config.batch_size, config.eval_batch_size = 32, 16
-  config.log_every_steps = 2
-  return override(config, **overrides)
+  """`helpers.streamed_overrides` as a config (the command-line tests pass them as flags)."""
+  return config_fields.set_fields(imagenet_lt.get_config("smoke"),
+                                  streamed_overrides(root, **overrides).items())
 
 
 def list_counts(path):
