@@ -70,15 +70,16 @@ def _check_dataset(ds) -> None:
            f"{long_tail.PROFILES}.")
   _check_number("dataset.zero_count_smoothing", ds.get("zero_count_smoothing", 0.0),
                 lambda v: v >= 0, ">= 0")
-  # 0 means 'all' for these two; a negative value is a typo, not a request.
+  # 0 means 'all' for these three; a negative value is a typo, not a request.
   _check_int("dataset.test_subset", ds.get("test_subset", 0), 0)
-  _check_int("dataset.n_max", ds.get("n_max", 0), 0)
-  if info.streaming:
-    _require(not ds.get("n_max", 0), f"dataset.n_max={ds.get('n_max')} applies to the in-memory "
-             f"long-tailed datasets; {ds.name!r}'s split lists fix its class counts: set it to 0.")
-  else:
-    sources.largest_class(info, ds)
   _check_int("dataset.val_per_class", ds.get("val_per_class", 0), 0)
+  n_max = ds.get("n_max", 0)
+  _check_int("dataset.n_max", n_max, 0)
+  if info.streaming:
+    _require(not n_max, f"dataset.n_max={n_max} applies to the in-memory long-tailed "
+             f"datasets; {ds.name!r}'s split lists fix its class counts: set it to 0.")
+  else:
+    sources.largest_class(info, ds)  # At most the pool's images a class.
   _check_int("dataset.crop_padding", ds.get("crop_padding", 0), 0)
 
 

@@ -43,10 +43,14 @@ def tiny_config(**overrides):
   return override(config, **overrides)
 
 
+def dotted(overrides: dict) -> dict:
+  """Keyword arguments with `__` for the dots (mix__alpha=1) as dotted field names."""
+  return {name.replace("__", "."): value for name, value in overrides.items()}
+
+
 def override(config, **overrides):
   """`config` with fields set from keyword arguments, `__` for the dots (mix__alpha=1)."""
-  return config_fields.set_fields(
-      config, [(dotted.replace("__", "."), value) for dotted, value in overrides.items()])
+  return config_fields.set_fields(config, dotted(overrides).items())
 
 
 FAKE_CLASSES = 12
@@ -60,8 +64,7 @@ def streamed_overrides(root, **overrides) -> dict:
             "dataset.val_list": "ImageNet_LT_val.txt",
             "dataset.image_root": str(root), "dataset.split_dir": str(root),
             "model.width": 4, "batch_size": 32, "eval_batch_size": 16, "log_every_steps": 2}
-  fields.update({dotted.replace("__", "."): value for dotted, value in overrides.items()})
-  return fields
+  return {**fields, **dotted(overrides)}
 
 
 def build_fake_lists(root):

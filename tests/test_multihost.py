@@ -185,15 +185,16 @@ def fake_lists(tmp_path_factory):
   return build_fake_lists(tmp_path_factory.mktemp("fake_imagenet_lt"))
 
 
-# The ResNet-8 of the in-memory runs: what is under test is the streamed
-# input on several hosts (the ImageNet ResNet trains in test_streaming_train).
-SMALL_MODEL = dict(log_every_steps=4, model__name="resnet_cifar", model__depth=8)
+# A log line every 4 steps, and the ResNet-8 of the in-memory runs: what is
+# under test is the streamed input on several hosts (the ImageNet ResNet
+# trains in test_streaming_train).
+STREAMED = dict(log_every_steps=4, model__name="resnet_cifar", model__depth=8)
 
 
 def streamed_flags(root) -> list:
   return ["--config=configs/imagenet_lt.py:smoke",
           *(f"--config.{field}={value}"
-            for field, value in streamed_overrides(root, **SMALL_MODEL).items())]
+            for field, value in streamed_overrides(root, **STREAMED).items())]
 
 
 def test_streamed_run_from_cloud_storage_on_an_interleaved_mesh(tmp_path, fake_lists, gcs):
@@ -204,7 +205,7 @@ def test_streamed_run_from_cloud_storage_on_an_interleaved_mesh(tmp_path, fake_l
   # The reference: this process, one device, to the first logged step (the
   # same global batch and keys; only the order of float reductions differs).
   reference = tmp_path / "one_device"
-  trainer.train_and_evaluate(streamed_config(fake_lists, **SMALL_MODEL), str(reference),
+  trainer.train_and_evaluate(streamed_config(fake_lists, **STREAMED), str(reference),
                              stop_at_step=4)
   workdir = gcs.folder("streamed")
   run_to_end(workdir, "--mesh_order=interleaved", config=streamed_flags(data))
