@@ -2,9 +2,12 @@
 
 Each run is tests/drivers/train_on_mesh.py (`python -m lt_calib.main` that
 picks the mesh's device order) in 2 processes of 2 CPU devices each, joined
-by JAX's distributed runtime. In memory it trains on tests/helpers.py's
-synthetic dataset (10 steps of 36 images an epoch, 3 epochs, compiled chunks
-of 5 steps); streamed, on a generated 12-class image list.
+by JAX's distributed runtime, on the mesh a TPU slice builds: p0d0, p1d0,
+p0d1, p1d1, so each process holds two separate blocks of rows. In memory it
+trains on tests/helpers.py's synthetic dataset (10 steps of 36 images an
+epoch, 3 epochs, compiled chunks of 5 steps); streamed, on a generated
+12-class image list. The references are runs in this process on one device
+(the same global batch and keys) and one uninterrupted 2-process run.
 """
 
 import json
@@ -20,10 +23,12 @@ import time
 import numpy as np
 import pytest
 
-from lt_calib import checkpointing, storage
+from lt_calib import checkpointing, config_fields, storage
+from lt_calib import data as data_lib
 from lt_calib.train import trainer
 from tests.conftest import REPO
-from tests.helpers import FAKE_CLASSES, build_fake_lists, streamed_overrides
+from tests.helpers import (FAKE_CLASSES, build_fake_lists, streamed_overrides,
+                           synthetic_dataset, tiny_config)
 from tests.test_cli_runs import TINY, environment
 from tests.test_streaming_train import streamed_config
 
@@ -34,9 +39,10 @@ pytestmark = pytest.mark.slow
 # (steps 10, 20, 30), and SIGTERM lands while the devices run a stretch.
 # Two chunks make an epoch, so no single-step program is compiled: each
 # process compiles its own (JAX's cache keeps only process 0's).
-PREEMPTIBLE = [*TINY, "--config.batch_size=36", "--config.num_epochs=3",
-               "--config.dataset.crop_padding=1", "--config.mix.stop_epoch=2",
-               "--config.steps_per_dispatch=5", "--config.log_every_steps=5", "--synthetic"]
+PREEMPTIBLE_OVERRIDES = {"batch_size": 36, "num_epochs": 3, "dataset.crop_padding": 1,
+                         "mix.stop_epoch": 2, "steps_per_dispatch": 5, "log_every_steps": 5}
+PREEMPTIBLE = [*TINY, *(f"--config.{field}={value}"
+                        for field, value in PREEMPTIBLE_OVERRIDES.items()), "--synthetic"]
 EPOCH, TOTAL, LOG = 10, 30, 5
 
 
@@ -99,20 +105,24 @@ def run_to_end(workdir, *flags, **kwargs) -> list:
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory, cifar10_file):
-  """The 2-process run the preempted runs must reproduce bit for bit."""
+def interleaved(tmp_path_factory, cifar10_file):
+  """The uninterrupted 2-process run: its outputs, workdir and summary.
+
+  The preempted run must reproduce it bit for bit.
+  """
   del cifar10_file
-  workdir = tmp_path_factory.mktemp("uninterrupted")
-  run_to_end(workdir, "--mesh_order=contiguous")
-  return {**json.loads((workdir / "summary.json").read_text()), "workdir": str(workdir)}
+  workdir = tmp_path_factory.mktemp("interleaved")
+  outputs = run_to_end(workdir)
+  return {"outputs": outputs, "workdir": workdir,
+          "summary": json.loads((workdir / "summary.json").read_text())}
 
 
-@pytest.mark.parametrize("where", ["local", "gcs"])
 def test_sigterm_to_one_host_stops_both_at_one_step_and_resume_is_bit_identical(
-    where, tmp_path, uninterrupted, request):
-  workdir = (request.getfixturevalue("gcs").folder("preempted") if where == "gcs"
-             else tmp_path / "preempted")
-  processes = start(workdir, "--mesh_order=contiguous")
+    interleaved, gcs):
+  # The workdir on gs://, as the TPU launcher requires (local workdirs of
+  # several processes: the `interleaved` run saves one at each epoch).
+  workdir = gcs.folder("preempted")
+  processes = start(workdir)
   deadline = time.time() + 300
   while not any(r["step"] >= LOG for r in records(f"{workdir}/train_metrics.jsonl")):
     assert all(p.poll() is None for p, _ in processes) and time.time() < deadline, \
@@ -125,17 +135,16 @@ def test_sigterm_to_one_host_stops_both_at_one_step_and_resume_is_bit_identical(
   step = int(stopped.split()[3])
   assert EPOCH <= step < TOTAL and step % EPOCH == 0 and "(preempted)" in stopped
   assert checkpointing.read_state_tree(workdir)[0] == step  # Both hosts saved it.
-  resumed = run_to_end(workdir, "--mesh_order=contiguous")
+  resumed = run_to_end(workdir)
   assert f"resuming at step {step}" in resumed[0]
   summary = json.loads(read(f"{workdir}/summary.json"))
-  assert summary["fingerprint"] == uninterrupted["fingerprint"]
+  assert summary["fingerprint"] == interleaved["summary"]["fingerprint"]
   assert summary["environment"]["process_count"] == 2
   # One line per log interval and evaluation: appended, never duplicated.
   assert [r["step"] for r in records(f"{workdir}/train_metrics.jsonl")] == sorted(
       set(range(LOG, TOTAL + 1, LOG)) | {EPOCH, 2 * EPOCH, TOTAL})
   assert [r["step"] for r in records(f"{workdir}/metrics.jsonl")] == [EPOCH, 2 * EPOCH, TOTAL]
-  if where == "gcs":
-    assert read(f"{workdir}/report.md").startswith("# cifar10")  # The report on gs://.
+  assert read(f"{workdir}/report.md").startswith("# cifar10")  # The report on gs://.
 
 
 def first_loss(workdir, step) -> float:
@@ -156,24 +165,26 @@ def without_gloo(text: str) -> str:
   return re.sub(r"[\d\s]", "", GLOO.sub("", text))
 
 
-def test_interleaved_mesh_trains_and_evaluates_as_the_contiguous_one(tmp_path, uninterrupted):
-  # p0d0, p1d0, p0d1, p1d1: each process holds rows 0-8 and 18-26 of a batch
-  # of 36, as on a TPU slice whose mesh follows the torus.
-  outputs = run_to_end(tmp_path, "--mesh_order=interleaved")
-  summary = json.loads(read(tmp_path / "summary.json"))
+def test_interleaved_mesh_trains_and_evaluates_as_one_device(tmp_path, interleaved,
+                                                             monkeypatch):
+  # Each process holds rows 0-8 and 18-26 of a batch of 36: fed the wrong
+  # rows, the first logged loss differs; gathered in the wrong order, the
+  # evaluation counts images twice or scores them against other labels.
+  outputs, summary = interleaved["outputs"], interleaved["summary"]
   # Only process 0 talks and writes; process 1 trains silently.
   assert "done: top-1" in outputs[0]
   assert without_gloo(outputs[1]) == "", outputs[1][-3000:]
   assert summary["environment"]["process_count"] == 2
   assert summary["environment"]["device_count"] == 4
-  np.testing.assert_allclose(first_loss(tmp_path, LOG),
-                             records_of(uninterrupted)[0]["loss"], rtol=1e-5)
-  assert summary["num_test_images"] == 128 == uninterrupted["num_test_images"]
-  assert abs(summary["final"]["top1"] - uninterrupted["final"]["top1"]) <= 0.01
-
-
-def records_of(summary) -> list:
-  return records(pathlib.Path(summary["workdir"]) / "train_metrics.jsonl")
+  dataset = synthetic_dataset()
+  monkeypatch.setattr(data_lib, "load", lambda cfg: dataset)
+  config = config_fields.set_fields(tiny_config(), PREEMPTIBLE_OVERRIDES.items())
+  one = trainer.train_and_evaluate(config, str(tmp_path))
+  assert one["environment"]["device_count"] == 1
+  np.testing.assert_allclose(first_loss(interleaved["workdir"], LOG),
+                             first_loss(tmp_path, LOG), rtol=1e-5)
+  assert summary["num_test_images"] == 128 == one["num_test_images"]
+  assert abs(summary["final"]["top1"] - one["final"]["top1"]) <= 0.01
 
 
 CLASSES = FAKE_CLASSES
@@ -185,10 +196,11 @@ def fake_lists(tmp_path_factory):
   return build_fake_lists(tmp_path_factory.mktemp("fake_imagenet_lt"))
 
 
-# A log line every 4 steps, and the ResNet-8 of the in-memory runs: what is
-# under test is the streamed input on several hosts (the ImageNet ResNet
-# trains in test_streaming_train).
-STREAMED = dict(log_every_steps=4, model__name="resnet_cifar", model__depth=8)
+# One epoch of 5 steps with a log line at step 4, and the ResNet-8 of the
+# in-memory runs: what is under test is the streamed input on several hosts
+# (the ImageNet ResNet, the second epoch's input and the mixing's stop train
+# in test_streaming_train; each would compile another program here).
+STREAMED = dict(log_every_steps=4, num_epochs=1, model__name="resnet_cifar", model__depth=8)
 
 
 def streamed_flags(root) -> list:
@@ -208,7 +220,7 @@ def test_streamed_run_from_cloud_storage_on_an_interleaved_mesh(tmp_path, fake_l
   trainer.train_and_evaluate(streamed_config(fake_lists, **STREAMED), str(reference),
                              stop_at_step=4)
   workdir = gcs.folder("streamed")
-  run_to_end(workdir, "--mesh_order=interleaved", config=streamed_flags(data))
+  run_to_end(workdir, config=streamed_flags(data))
   summary = json.loads(read(f"{workdir}/summary.json"))
   test_lines = (fake_lists / "ImageNet_LT_test.txt").read_text().splitlines()
   assert summary["num_test_images"] == len(test_lines) == CLASSES * 5

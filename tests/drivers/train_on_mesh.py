@@ -1,12 +1,12 @@
-"""`python -m lt_calib.main`, with the mesh's device order chosen (test driver).
+"""`python -m lt_calib.main` on the mesh a TPU slice builds (test driver).
 
-  python -m tests.drivers.train_on_mesh --mesh_order=interleaved <lt_calib.main flags>
+  python -m tests.drivers.train_on_mesh <lt_calib.main flags>
 
 A real TPU slice builds its mesh in physical order, which interleaves the
 processes along the data axis; CPU devices come ordered by process. This
-driver builds the mesh in either order and hands it to
-`trainer.train_and_evaluate`, so the multi-process tests exercise the
-interleaved layout on localhost.
+driver builds the mesh round-robin over processes (p0d0, p1d0, p0d1, ...) and
+hands it to `trainer.train_and_evaluate`, so the multi-process tests exercise
+the interleaved layout on localhost.
 """
 
 import sys
@@ -16,21 +16,17 @@ from absl import flags
 from lt_calib import cli
 from lt_calib import main as main_module  # Defines the trainer's flags.
 
-flags.DEFINE_enum("mesh_order", "interleaved", ["contiguous", "interleaved"],
-                  "contiguous: devices by process; interleaved: p0d0, p1d0, p0d1, ...")
 flags.DEFINE_bool("synthetic", False, "Train on tests/helpers.py's synthetic dataset.")
 FLAGS = flags.FLAGS
 
 
-def mesh_devices(order: str):
-  """Every device, by process (contiguous) or round-robin over processes."""
+def interleaved_devices():
+  """Every device, round-robin over processes: p0d0, p1d0, p0d1, p1d1, ..."""
   import jax  # pylint: disable=g-import-not-at-top
   devices = sorted(jax.devices(), key=lambda d: (d.process_index, d.id))
-  if order == "interleaved":
-    per_process = jax.local_device_count()
-    devices = [devices[p * per_process + k] for k in range(per_process)
-               for p in range(jax.process_count())]
-  return devices
+  per_process = jax.local_device_count()
+  return [devices[p * per_process + k] for k in range(per_process)
+          for p in range(jax.process_count())]
 
 
 def main(argv):
@@ -44,7 +40,7 @@ def main(argv):
     data.load = lambda cfg: helpers.synthetic_dataset()
   distributed.initialize(FLAGS.distributed, FLAGS.coordinator_address,
                          FLAGS.num_processes, FLAGS.process_id)
-  mesh = parallel.make_mesh(mesh_devices(FLAGS.mesh_order))
+  mesh = parallel.make_mesh(interleaved_devices())
   result = trainer.train_and_evaluate(FLAGS.config, FLAGS.workdir, stop_at_step=FLAGS.stop_at_step,
                                     mesh=mesh)
   if result.get("reason") == "preempted":
