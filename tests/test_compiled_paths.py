@@ -82,12 +82,13 @@ def test_a_run_in_compiled_chunks_equals_the_step_loop_bit_for_bit(tmp_path, mon
   assert [r["step"] for r in records] == [r["step"] for r in expected] == sorted(
       set(range(2, 34, 2)) | {11, 22, 33})
   # Float tolerance: the two programs round differently, and 33 steps at
-  # learning rate 0.1 carry it (relative 1.8e-5 at step 32 on one machine).
+  # learning rate 0.1 carry it. On a 2-core AMD EPYC: losses 1.8e-5 apart
+  # (relative) at step 32, parameters (of magnitude ~1) up to 5.8e-5 apart.
   np.testing.assert_allclose([r["loss"] for r in records], [r["loss"] for r in expected],
                              rtol=1e-4)
   _, a = checkpointing.read_state_tree(tmp_path / "chunks")
   _, b = checkpointing.read_state_tree(tmp_path / "loop")
-  trees_close(a["params"], b["params"], rtol=1e-4, atol=1e-5)
+  trees_close(a["params"], b["params"], rtol=1e-4, atol=2e-4)
 
 
 @pytest.mark.slow
