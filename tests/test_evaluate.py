@@ -14,6 +14,7 @@ import pytest
 from lt_calib import evaluate
 from lt_calib.calibration import posthoc, report
 from lt_calib.data import long_tail, sources
+from lt_calib.errors import ConfigError
 from tests.conftest import REPO
 from tests.helpers import tiny_config
 
@@ -84,27 +85,50 @@ def test_label_shift_rows_and_table():
   assert text.count("| Bayias trained for pi' |") == 3  # One line a table.
 
 
+def read_csv(path) -> list:
+  with open(path) as f:
+    return list(csv.DictReader(f))
+
+
 @pytest.mark.slow
-def test_evaluate_cli_writes_every_picture_and_tables(tiny_run, tmp_path):
+def test_evaluate_cli_writes_every_picture_and_table(tiny_run, tmp_path):
+  # One command for every output: the pictures, temperature scaling, the
+  # label-shift table and issue 19's estimated test priors.
   workdir, summary = tiny_run
   out = tmp_path / "eval"
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
   result = subprocess.run(
       [sys.executable, "-m", "lt_calib.evaluate", f"--workdir={workdir}",
-       "--test_rho=1,0.1", "--val_per_class=10", "--test_subset=200", f"--out={out}"],
-      cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+       "--test_rho=100,1,0.1,0.01", "--test_prior=oracle,uniform,em", "--val_per_class=10",
+       "--test_subset=200", f"--out={out}"],
+      cwd=REPO, env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True, text=True,
+      timeout=300)
   assert result.returncode == 0, result.stderr[-3000:]
   for name in list(report.PICTURES) + ["reliability_temperature.png", "report.md",
-                                       "label_shift.md", "label_shift.csv"]:
+                                       "label_shift.md", "label_shift.csv",
+                                       "prior_estimation.png", "prior_estimation.csv",
+                                       "prior_estimation.md"]:
     assert (out / name).stat().st_size > 0, name
   text = (out / "report.md").read_text()
   assert all(f"]({name})" in text for name in report.PICTURES)
   assert "temperature-scaled" in text and "Test label shift" in text
-  with open(out / "label_shift.csv") as f:
-    rows = list(csv.DictReader(f))
-  assert {(r["method"], float(r["test_rho"])) for r in rows} == {
-      ("bayias raw", 1.0), ("bayias prior-corrected", 1.0), ("bayias raw", 0.1),
-      ("bayias prior-corrected", 0.1)}
+  assert "Estimated test priors" in text
+  rhos = (100.0, 1.0, 0.1, 0.01)
+  # 20 test images a class; int(20 * rho'^(-c/9)) (reversed for rho' < 1):
+  # 20+11+7+4+2+1 = 45 at 100 and 0.01, 20+15+11+9+7+5+4+3+2+2 = 78 at 0.1.
+  sizes = {100.0: 45, 1.0: 200, 0.1: 78, 0.01: 45}
+  rows = read_csv(out / "label_shift.csv")
+  assert {(r["method"], float(r["test_rho"]), int(r["num_images"])) for r in rows} == {
+      (method, rho, sizes[rho]) for method in ("bayias raw", "bayias prior-corrected")
+      for rho in rhos}
+  rows = read_csv(out / "prior_estimation.csv")
+  assert [(r["prior"], float(r["test_rho"])) for r in rows] == [
+      (p, rho) for rho in rhos for p in ("oracle", "uniform", "em")]
+  for row in rows:
+    for key in ("top1", "mean_class_acc", "ece", "nll", "l1", "kl"):
+      assert np.isfinite(float(row[key])), (row["prior"], key)
+  assert all(float(r["l1"]) == 0.0 for r in rows if r["prior"] == "oracle")
+  # Top-1, ECE, NLL and L1 tables, one em line each.
+  assert (out / "prior_estimation.md").read_text().count("| em |") == 4
   result = json.loads((out / "evaluation.json").read_text())
   # The restored checkpoint gives the training run's own final numbers.
   assert result["summary"]["top1"] == pytest.approx(summary["final"]["top1"])
@@ -112,6 +136,12 @@ def test_evaluate_cli_writes_every_picture_and_tables(tiny_run, tmp_path):
   # At n_max 625 every class keeps pool images out of training, class 0 too
   # (the standard split leaves it none: test_cifar10_validation_split_...).
   assert result["temperature"]["val_count_per_class"] == [10] * 10
+
+
+def test_priors_needing_a_held_out_split_are_refused_before_any_work(tmp_path):
+  # No run in the folder: the refusal comes before anything is read.
+  with pytest.raises(ConfigError, match=r"^--test_prior=bbse needs a labelled held-out"):
+    evaluate.evaluate_workdir(tmp_path / "no_run", test_priors=["bbse"], val_per_class=0)
 
 
 @pytest.mark.slow
@@ -141,36 +171,6 @@ def test_single_shifted_test_prior_from_an_earlier_checkpoint(tiny_run, tmp_path
   assert "prior_corrected" in result and "label_shift" not in result
   assert "| metric | raw | prior-corrected |" in (tmp_path / "report.md").read_text()
   assert not (tmp_path / "label_shift.md").exists()
-
-
-@pytest.mark.slow
-def test_evaluate_cli_estimates_test_priors(tiny_run, tmp_path):
-  # Issue 19's command: a table and a plot, every cell finite.
-  workdir, _ = tiny_run
-  out = tmp_path / "priors"
-  result = subprocess.run(
-      [sys.executable, "-m", "lt_calib.evaluate", f"--workdir={workdir}",
-       "--test_rho=100,1,0.01", "--test_prior=oracle,uniform,em", "--val_per_class=0",
-       f"--out={out}"], cwd=REPO, env=dict(os.environ, JAX_PLATFORMS="cpu"),
-      capture_output=True, text=True, timeout=300)
-  assert result.returncode == 0, result.stderr[-3000:]
-  assert (out / "prior_estimation.png").stat().st_size > 0
-  with open(out / "prior_estimation.csv") as f:
-    rows = list(csv.DictReader(f))
-  assert [(r["prior"], float(r["test_rho"])) for r in rows] == [
-      (p, rho) for rho in (100.0, 1.0, 0.01) for p in ("oracle", "uniform", "em")]
-  for row in rows:
-    for key in ("top1", "mean_class_acc", "ece", "nll", "l1", "kl"):
-      assert np.isfinite(float(row[key])), (row["prior"], key)
-  assert all(float(r["l1"]) == 0.0 for r in rows if r["prior"] == "oracle")
-  table = (out / "prior_estimation.md").read_text()
-  assert table.count("| em |") == 4
-  refused = subprocess.run(
-      [sys.executable, "-m", "lt_calib.evaluate", f"--workdir={workdir}",
-       "--test_prior=bbse", "--val_per_class=0"], cwd=REPO,
-      env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True, text=True, timeout=300)
-  assert refused.returncode == 2
-  assert refused.stderr.splitlines()[-1].startswith("error: --test_prior=bbse needs")
 
 
 def test_shifted_log_prior_gives_absent_classes_minus_infinity_without_a_warning():
