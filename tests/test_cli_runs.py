@@ -34,11 +34,6 @@ def main_command(workdir, *flags):
   return [sys.executable, "-m", "lt_calib.main", *TINY, f"--workdir={workdir}", *flags]
 
 
-def run_main(workdir, *flags, devices=1, **extra):
-  return subprocess.run(main_command(workdir, *flags), cwd=REPO, capture_output=True,
-                        text=True, env=environment(devices, **extra), check=False)
-
-
 def summary(workdir):
   return json.loads(pathlib.Path(workdir, "summary.json").read_text())
 
@@ -50,11 +45,16 @@ def train_records(workdir):
   return [json.loads(l) for l in path.read_text().splitlines() if l.strip()]
 
 
-def test_sigterm_mid_epoch_checkpoints_and_the_same_command_resumes(tmp_path, tiny_run):
-  # Also what a user reads (the header first, then progress, no library
-  # logs), and the persistent compilation cache: the resumed process loads
-  # the programs the first one compiled into the empty cache.
-  reference, expected = tiny_run
+def test_sigterm_then_sigkill_while_saving_and_the_same_command_resumes(tmp_path, tiny_run):
+  # Three processes, one workdir and one compilation cache, empty at first:
+  # 1. SIGTERM mid-epoch: a checkpoint where it stopped. Also what a user
+  #    reads (the header first, then progress, no library logs).
+  # 2. The same command resumes and dies (SIGKILL) while saving step 24: the
+  #    checkpoint before it stays, not the half-written one.
+  # 3. The same command resumes from that one and ends bit-identical to the
+  #    session's uninterrupted run, loading every program the first two
+  #    compiled. Cold start's counters: test_train.py::test_eight_devices_match_one.
+  _, expected = tiny_run
   env = environment(JAX_COMPILATION_CACHE_DIR=str(tmp_path / "cache"))
   workdir = tmp_path / "run"
   process = subprocess.Popen(main_command(workdir), cwd=REPO, env=env,
@@ -77,33 +77,26 @@ def test_sigterm_mid_epoch_checkpoints_and_the_same_command_resumes(tmp_path, ti
   step = int(stopped.split()[3])
   assert 4 < step < 24 and "rerun the same command to resume" in stopped
   assert checkpointing.read_state_tree(workdir)[0] == step  # Saved where it stopped.
+
+  killed = subprocess.run(
+      [sys.executable, "-m", "tests.drivers.kill_during_save", "--kill_at_step=24", *TINY,
+       f"--workdir={workdir}"], cwd=REPO, capture_output=True, text=True, env=env,
+      check=False)
+  assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+  assert f"resuming at step {step}" in killed.stdout
+  kept = max(step, 12)  # Epochs of 12 steps: a checkpoint at step 12 too.
+  assert checkpointing.read_state_tree(workdir)[0] == kept  # Not the half-written 24.
+
   again = subprocess.run(main_command(workdir), cwd=REPO, capture_output=True, text=True,
                          env=env, check=False)
   assert again.returncode == 0, again.stderr[-3000:]
-  assert f"resuming at step {step}" in again.stdout
+  assert f"resuming at step {kept}" in again.stdout
   assert any(l.startswith("done: top-1") for l in again.stdout.splitlines())
   resumed = summary(workdir)
   assert resumed["fingerprint"] == expected["fingerprint"]
-  # The first process stopped before its first evaluation: the resumed one
-  # loads the rest (the step, the permutation, ...) and compiles only the
-  # evaluation. Cold start's counters: test_train.py::test_eight_devices_match_one.
   cache = resumed["compilation_cache"]
   assert cache["dir"] == str(tmp_path / "cache")
-  assert cache["compiled"] <= 1 and cache["loaded"] >= 2
-
-
-def test_sigkill_while_saving_leaves_the_previous_checkpoint(tmp_path, tiny_run):
-  _, expected = tiny_run
-  killed = subprocess.run(
-      [sys.executable, "-m", "tests.drivers.kill_during_save", "--kill_at_step=24", *TINY,
-       f"--workdir={tmp_path}"], cwd=REPO, capture_output=True, text=True,
-      env=environment(), check=False)
-  assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
-  assert checkpointing.read_state_tree(tmp_path)[0] == 12  # Not the half-written 24.
-  again = run_main(tmp_path)
-  assert again.returncode == 0, again.stderr[-3000:]
-  assert "resuming at step 12" in again.stdout
-  assert summary(tmp_path)["fingerprint"] == expected["fingerprint"]
+  assert cache["compiled"] == 0 and cache["loaded"] >= 2
 
 
 CHECK = [sys.executable, "-m", "lt_calib.check", *TINY, "--steps=8"]
