@@ -63,6 +63,19 @@ def decoded_cache(tmp_path_factory):
   return path
 
 
+@pytest.fixture
+def no_report(monkeypatch):
+  """This test's in-process runs end without the calibration report (report.md, PNGs).
+
+  For tests of what training computes and saves: the report's pictures cost
+  about a second a run on 2 cores. The report itself is tested on `tiny_run`
+  (test_train.py), by the `lt_calib.evaluate` test, in test_plots.py, and in
+  every run a test starts as a process.
+  """
+  from lt_calib.calibration import report  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(report, "write_training_report", lambda *args, **kwargs: None)
+
+
 @pytest.fixture(scope="session")
 def gcs(tmp_path_factory):
   """A Cloud Storage emulator (fake-gcs-server, from PyPI) on localhost.

@@ -115,7 +115,7 @@ def test_cells_apply_presets_and_every_variant_is_valid():
 
 
 @pytest.mark.slow
-def test_smoke_grid_end_to_end(tmp_path, cifar10_file):
+def test_smoke_grid_end_to_end(tmp_path, cifar10_file, no_report):
   # Two of the :smoke grid's cells (the normalised head, DRW, a mixing method
   # and both deltas) keep this test short; the CLI runs all twelve.
   config = table4.get_config("smoke")

@@ -23,7 +23,7 @@ import time
 import numpy as np
 import pytest
 
-from lt_calib import checkpointing, config_fields, storage
+from lt_calib import checkpointing, config_fields, evaluate, storage
 from lt_calib import data as data_lib
 from lt_calib.train import trainer
 from tests.conftest import REPO
@@ -166,7 +166,7 @@ def without_gloo(text: str) -> str:
 
 
 def test_interleaved_mesh_trains_and_evaluates_as_one_device(tmp_path, interleaved,
-                                                             monkeypatch):
+                                                             monkeypatch, no_report):
   # Each process holds rows 0-8 and 18-26 of a batch of 36: fed the wrong
   # rows, the first logged loss differs; gathered in the wrong order, the
   # evaluation counts images twice or scores them against other labels.
@@ -210,7 +210,7 @@ def streamed_flags(root) -> list:
 
 
 def test_streamed_run_from_cloud_storage_on_an_interleaved_mesh(tmp_path, fake_lists, gcs):
-  """Lists, images and workdir on gs://, 2 hosts interleaved, then evaluate gs://."""
+  """Lists, images and workdir on gs://, 2 hosts interleaved, then evaluate on gs://."""
   import fsspec  # pylint: disable=g-import-not-at-top
   data = gcs.folder("imagenet_lt")
   fsspec.filesystem("gs").put(f"{fake_lists}/", f"{data}/", recursive=True)
@@ -226,11 +226,8 @@ def test_streamed_run_from_cloud_storage_on_an_interleaved_mesh(tmp_path, fake_l
   assert summary["num_test_images"] == len(test_lines) == CLASSES * 5
   assert summary["data_source"] == f"lists:{data} images:{data}"
   np.testing.assert_allclose(first_loss(workdir, 4), first_loss(reference, 4), rtol=1e-5)
-  evaluated = subprocess.run(
-      [sys.executable, "-m", "lt_calib.evaluate", f"--workdir={workdir}",
-       "--test_rho=1,0.1", "--val_per_class=2"], cwd=REPO, env=environment(1),
-      capture_output=True, text=True, check=False)
-  assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+  # `lt_calib.evaluate` in this process (its command line: test_evaluate.py).
+  evaluate.evaluate_workdir(workdir, test_rhos=[1.0, 0.1], val_per_class=2)
   result = json.loads(read(f"{workdir}/evaluation.json"))
   assert result["num_test_images"] == CLASSES * 5
   assert result["summary"]["top1"] == pytest.approx(summary["final"]["top1"], abs=1e-9)

@@ -37,7 +37,7 @@ def list_counts(path):
 
 
 @pytest.mark.slow
-def test_streamed_run_counts_and_resumes_exactly(tmp_path, fake_root):
+def test_streamed_run_counts_and_resumes_exactly(tmp_path, fake_root, no_report):
   config = streamed_config(fake_root)
   whole = trainer.train_and_evaluate(config, str(tmp_path / "whole"))
   train_counts = list_counts(fake_root / "ImageNet_LT_train.txt")

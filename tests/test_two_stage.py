@@ -153,7 +153,7 @@ def leaves(tree) -> dict:
 
 @pytest.mark.slow
 def test_second_stage_trains_the_classifier_alone_and_resumes(tmp_path, first_stage,
-                                                             monkeypatch):
+                                                             monkeypatch, no_report):
   first_workdir, first_summary = first_stage
   dataset = synthetic_dataset()
   monkeypatch.setattr(data_lib, "load", lambda cfg: dataset)
@@ -177,7 +177,8 @@ def test_second_stage_trains_the_classifier_alone_and_resumes(tmp_path, first_st
 
 
 @pytest.mark.slow
-def test_batchnorm_shift_reestimates_statistics_only(tmp_path, first_stage, monkeypatch):
+def test_batchnorm_shift_reestimates_statistics_only(tmp_path, first_stage, monkeypatch,
+                                                     no_report):
   first_workdir, _ = first_stage
   dataset = synthetic_dataset()
   monkeypatch.setattr(data_lib, "load", lambda cfg: dataset)
@@ -204,7 +205,7 @@ def test_configs_saved_before_the_second_stage_existed_still_resume():
 
 
 @pytest.mark.slow
-def test_two_stage_grid_smoke(tmp_path, cifar10_file):
+def test_two_stage_grid_smoke(tmp_path, cifar10_file, no_report):
   # configs/grids/two_stage.py:smoke: the first stage, then its three second
   # stages, each starting from the first stage's final state.
   del cifar10_file
