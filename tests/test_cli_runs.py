@@ -8,6 +8,7 @@ in-process run of the same config (`tiny_run`), bit for bit.
 
 import copy
 import json
+import os
 import pathlib
 import signal
 import subprocess
@@ -46,16 +47,17 @@ def train_records(workdir):
 
 
 def test_sigterm_then_sigkill_while_saving_and_the_same_command_resumes(tmp_path, tiny_run):
-  # Three processes, one workdir and one compilation cache, empty at first:
+  # Three processes on one workdir, with the session's compilation cache:
   # 1. SIGTERM mid-epoch: a checkpoint where it stopped. Also what a user
   #    reads (the header first, then progress, no library logs).
   # 2. The same command resumes and dies (SIGKILL) while saving step 24: the
   #    checkpoint before it stays, not the half-written one.
   # 3. The same command resumes from that one and ends bit-identical to the
-  #    session's uninterrupted run, loading every program the first two
-  #    compiled. Cold start's counters: test_train.py::test_eight_devices_match_one.
+  #    session's uninterrupted run, loading every program it runs (the
+  #    first two ran them all). Cold start's counters, from an empty cache:
+  #    test_train.py::test_eight_devices_match_one.
   _, expected = tiny_run
-  env = environment(JAX_COMPILATION_CACHE_DIR=str(tmp_path / "cache"))
+  env = environment()
   workdir = tmp_path / "run"
   process = subprocess.Popen(main_command(workdir), cwd=REPO, env=env,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -95,7 +97,7 @@ def test_sigterm_then_sigkill_while_saving_and_the_same_command_resumes(tmp_path
   resumed = summary(workdir)
   assert resumed["fingerprint"] == expected["fingerprint"]
   cache = resumed["compilation_cache"]
-  assert cache["dir"] == str(tmp_path / "cache")
+  assert cache["dir"] == os.environ["JAX_COMPILATION_CACHE_DIR"]  # conftest's.
   assert cache["compiled"] == 0 and cache["loaded"] >= 2
 
 
