@@ -1,8 +1,8 @@
 """Several processes on localhost, as the hosts of a TPU slice: preemption, device order.
 
-Each run is tests/drivers/train_on_mesh.py (`python -m lt_calib.main` that
-picks the mesh's device order) in 2 processes of 2 CPU devices each, joined
-by JAX's distributed runtime, on the mesh a TPU slice builds: p0d0, p1d0,
+Each run is tests/drivers/train_on_mesh.py (`python -m lt_calib.main` on a
+mesh it builds) in 2 processes of 2 CPU devices each, joined by JAX's
+distributed runtime, on the device order a TPU slice has: p0d0, p1d0,
 p0d1, p1d1, so each process holds two separate blocks of rows. In memory it
 trains on tests/helpers.py's synthetic dataset (10 steps of 36 images an
 epoch, 3 epochs, compiled chunks of 5 steps); streamed, on a generated
