@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from lt_calib import checkpointing, parallel
+from lt_calib.calibration import report
 from lt_calib import data as data_lib
 from lt_calib.train import population, trainer
 from lt_calib.train import setup as setup_lib
@@ -120,7 +121,9 @@ def test_vmapped_runs_equal_their_separate_runs(tmp_path, monkeypatch):
   configs = [synthetic_config(seed=seed, num_epochs=2, eval_every_epochs=1)
              for seed in (0, 1)]
   assert population.can_share_program(configs)
-  alone = [trainer.train_and_evaluate(c, str(tmp_path / f"alone{c.seed}")) for c in configs]
+  with monkeypatch.context() as patch:  # Only the members' reports are under test.
+    patch.setattr(report, "write_training_report", lambda *args, **kwargs: None)
+    alone = [trainer.train_and_evaluate(c, str(tmp_path / f"alone{c.seed}")) for c in configs]
   together = population.train_population(
       configs, [str(tmp_path / f"member{c.seed}") for c in configs], str(tmp_path / "group"))
   for k, (single, member) in enumerate(zip(alone, together)):
@@ -132,7 +135,7 @@ def test_vmapped_runs_equal_their_separate_runs(tmp_path, monkeypatch):
     trees_close(b["params"], a["params"], rtol=1e-3, atol=1e-4)
     files = {p.name for p in (tmp_path / f"member{k}").iterdir()}
     assert {"summary.json", "metrics.jsonl", "train_metrics.jsonl", "config.json",
-            "run.json", "checkpoints"} <= files
+            "run.json", "checkpoints", "report.md", "reliability.png"} <= files
     np.testing.assert_allclose(losses(tmp_path / f"member{k}"), losses(tmp_path / f"alone{k}"),
                                rtol=1e-4)
     assert [r["epoch"] for r in map(json.loads, (tmp_path / f"member{k}" / "metrics.jsonl")

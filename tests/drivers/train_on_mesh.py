@@ -17,6 +17,8 @@ from lt_calib import cli
 from lt_calib import main as main_module  # Defines the trainer's flags.
 
 flags.DEFINE_bool("synthetic", False, "Train on tests/helpers.py's synthetic dataset.")
+flags.DEFINE_bool("no_report", False, "End without the calibration report (as tests' "
+                  "no_report fixture): for runs whose report is not under test.")
 FLAGS = flags.FLAGS
 
 
@@ -38,6 +40,9 @@ def main(argv):
     from lt_calib import data  # pylint: disable=g-import-not-at-top
     from tests import helpers  # pylint: disable=g-import-not-at-top
     data.load = lambda cfg: helpers.synthetic_dataset()
+  if FLAGS.no_report:
+    from lt_calib.calibration import report  # pylint: disable=g-import-not-at-top
+    report.write_training_report = lambda *args, **kwargs: None
   distributed.initialize(FLAGS.distributed, FLAGS.coordinator_address,
                          FLAGS.num_processes, FLAGS.process_id)
   mesh = parallel.make_mesh(interleaved_devices())
