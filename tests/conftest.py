@@ -69,8 +69,10 @@ def no_report(monkeypatch):
 
   For tests of what training computes and saves: the report's pictures cost
   about a second a run on 2 cores. The report itself is tested on `tiny_run`
-  (test_train.py), by the `lt_calib.evaluate` test, in test_plots.py, and in
-  every run a test starts as a process.
+  (test_train.py), by test_evaluate.py, in test_plots.py, for the members of
+  a vmapped population, and in the runs the CLI and multi-process tests
+  start (tests/drivers/train_on_mesh.py's --no_report does the same for one
+  process).
   """
   from lt_calib.calibration import report  # pylint: disable=g-import-not-at-top
   monkeypatch.setattr(report, "write_training_report", lambda *args, **kwargs: None)
