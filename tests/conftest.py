@@ -74,8 +74,8 @@ def no_report(monkeypatch):
   start (tests/drivers/train_on_mesh.py's --no_report does the same for one
   process).
   """
-  from lt_calib.calibration import report  # pylint: disable=g-import-not-at-top
-  monkeypatch.setattr(report, "write_training_report", lambda *args, **kwargs: None)
+  from tests import helpers  # pylint: disable=g-import-not-at-top
+  helpers.skip_report(monkeypatch.setattr)
 
 
 @pytest.fixture(scope="session")

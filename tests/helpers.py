@@ -3,13 +3,17 @@
 - `tiny_config`: the CIFAR-10-LT :smoke config shrunk further (ResNet-8 of
   width 4; the LT rule at n_max 625, 1,547 images; 12 steps of 128 an epoch;
   200 test images); `TINY_FLAGS`, the same as command-line flags.
+- `train_records`: a run's train_metrics.jsonl; `skip_report`: runs end
+  without the calibration report.
 - `synthetic_dataset`: a separable, long-tailed in-memory dataset of 8 x 8
   images (4 colours plus noise, 360 training images): what a test that
   trains needs when the data itself is not under test, at a fraction of
   CIFAR's cost.
 """
 
+import json
 import os
+import pathlib
 
 import numpy as np
 
@@ -51,6 +55,26 @@ def dotted(overrides: dict) -> dict:
 def override(config, **overrides):
   """`config` with fields set from keyword arguments, `__` for the dots (mix__alpha=1)."""
   return config_fields.set_fields(config, dotted(overrides).items())
+
+
+def train_records(workdir) -> list:
+  """The records of a local run's train_metrics.jsonl ([] before its first)."""
+  path = pathlib.Path(workdir, "train_metrics.jsonl")
+  if not path.exists():
+    return []
+  return [json.loads(l) for l in path.read_text().splitlines() if l.strip()]
+
+
+def skip_report(setattr_fn=setattr) -> None:
+  """Runs end without the calibration report (report.md and its pictures).
+
+  Args:
+    setattr_fn: how to replace `report.write_training_report`: a
+      monkeypatch's `setattr` in a test (undone after it), the builtin in a
+      test driver's own process.
+  """
+  from lt_calib.calibration import report  # pylint: disable=g-import-not-at-top
+  setattr_fn(report, "write_training_report", lambda *args, **kwargs: None)
 
 
 FAKE_CLASSES = 12

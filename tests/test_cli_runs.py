@@ -20,7 +20,7 @@ import pytest
 
 from lt_calib import check, checkpointing
 from tests.conftest import REPO
-from tests.helpers import TINY_FLAGS, xla_environment
+from tests.helpers import TINY_FLAGS, train_records, xla_environment
 
 pytestmark = pytest.mark.slow  # Every test trains, in processes of its own.
 
@@ -37,13 +37,6 @@ def main_command(workdir, *flags):
 
 def summary(workdir):
   return json.loads(pathlib.Path(workdir, "summary.json").read_text())
-
-
-def train_records(workdir):
-  path = pathlib.Path(workdir, "train_metrics.jsonl")
-  if not path.exists():
-    return []
-  return [json.loads(l) for l in path.read_text().splitlines() if l.strip()]
 
 
 def test_sigterm_then_sigkill_while_saving_and_the_same_command_resumes(tmp_path, tiny_run):

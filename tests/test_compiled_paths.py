@@ -16,12 +16,11 @@ import numpy as np
 import pytest
 
 from lt_calib import checkpointing, parallel
-from lt_calib.calibration import report
 from lt_calib import data as data_lib
 from lt_calib.train import population, trainer
 from lt_calib.train import setup as setup_lib
-from tests.helpers import tiny_config
-from tests.helpers import synthetic_config, synthetic_dataset
+from tests.helpers import (skip_report, synthetic_config, synthetic_dataset, tiny_config,
+                           train_records)
 
 
 def trees_close(a, b, rtol, atol):
@@ -62,7 +61,7 @@ def test_compiled_epoch_equals_the_step_loop():
 
 
 def losses(workdir) -> list:
-  return [json.loads(l)["loss"] for l in (workdir / "train_metrics.jsonl").read_text().splitlines()]
+  return [r["loss"] for r in train_records(workdir)]
 
 
 @pytest.mark.slow
@@ -94,10 +93,7 @@ def test_stopped_runs_resume_bit_for_bit_in_the_step_loop_and_in_compiled_chunks
   summary = trainer.train_and_evaluate(chunked, str(tmp_path / "chunks"))
   uncut = trainer.train_and_evaluate(chunked, str(tmp_path / "uncut"))
   assert summary["fingerprint"] == uncut["fingerprint"]
-  records = [json.loads(l) for l in
-             (tmp_path / "chunks" / "train_metrics.jsonl").read_text().splitlines()]
-  expected = [json.loads(l) for l in
-              (tmp_path / "loop" / "train_metrics.jsonl").read_text().splitlines()]
+  records, expected = train_records(tmp_path / "chunks"), train_records(tmp_path / "loop")
   # Every even step and each epoch's end (11, 22, 33), with the same losses.
   assert [r["step"] for r in records] == [r["step"] for r in expected] == sorted(
       set(range(2, 34, 2)) | {11, 22, 33})
@@ -122,7 +118,7 @@ def test_vmapped_runs_equal_their_separate_runs(tmp_path, monkeypatch):
              for seed in (0, 1)]
   assert population.can_share_program(configs)
   with monkeypatch.context() as patch:  # Only the members' reports are under test.
-    patch.setattr(report, "write_training_report", lambda *args, **kwargs: None)
+    skip_report(patch.setattr)
     alone = [trainer.train_and_evaluate(c, str(tmp_path / f"alone{c.seed}")) for c in configs]
   together = population.train_population(
       configs, [str(tmp_path / f"member{c.seed}") for c in configs], str(tmp_path / "group"))

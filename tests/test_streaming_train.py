@@ -7,7 +7,6 @@ sequence, evaluation in padded batches.
 """
 
 import collections
-import json
 
 import numpy as np
 import pytest
@@ -15,7 +14,7 @@ import pytest
 from configs import imagenet_lt
 from lt_calib import config_fields
 from lt_calib.train import trainer
-from tests.helpers import FAKE_CLASSES, build_fake_lists, streamed_overrides
+from tests.helpers import FAKE_CLASSES, build_fake_lists, streamed_overrides, train_records
 
 CLASSES = FAKE_CLASSES
 
@@ -56,6 +55,4 @@ def test_streamed_run_counts_and_resumes_exactly(tmp_path, fake_root, no_report)
   resumed = trainer.train_and_evaluate(config, str(tmp_path / "split"))
   assert resumed["resumed_from_step"] == stop
   assert resumed["fingerprint"] == whole["fingerprint"]
-  records = [json.loads(l) for l in (tmp_path / "whole" / "train_metrics.jsonl")
-             .read_text().splitlines()]
-  assert np.isfinite([r["loss"] for r in records]).all()
+  assert np.isfinite([r["loss"] for r in train_records(tmp_path / "whole")]).all()

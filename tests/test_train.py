@@ -21,7 +21,7 @@ from lt_calib.train import loop, trainer
 from lt_calib.train import setup as setup_lib
 from tests.conftest import REPO
 from tests.helpers import (TINY_FLAGS, synthetic_config, synthetic_dataset, tiny_config,
-                           xla_environment)
+                           train_records, xla_environment)
 
 
 def final_params(workdir):
@@ -54,7 +54,7 @@ def test_run_writes_summary_and_metrics(tiny_run, cifar10_file):
   manager = checkpointing.make_manager(tmp_path, 1, read_only=True)
   assert checkpointing.read_meta(manager, 24)["fingerprint"] == on_disk["fingerprint"]
   # Every log interval (4 steps) in train_metrics.jsonl, for scripts and tests.
-  records = [json.loads(l) for l in (tmp_path / "train_metrics.jsonl").read_text().splitlines()]
+  records = train_records(tmp_path)
   assert [r["step"] for r in records] == [4, 8, 12, 16, 20, 24]
   for record in records:
     assert {"step", "loss", "learning_rate", "images_per_second"} <= set(record)

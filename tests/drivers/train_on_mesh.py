@@ -36,13 +36,12 @@ def main(argv):
   cli.quiet_libraries()
   from lt_calib import distributed, parallel  # pylint: disable=g-import-not-at-top
   from lt_calib.train import trainer  # pylint: disable=g-import-not-at-top
+  from tests import helpers  # pylint: disable=g-import-not-at-top
   if FLAGS.synthetic:
     from lt_calib import data  # pylint: disable=g-import-not-at-top
-    from tests import helpers  # pylint: disable=g-import-not-at-top
     data.load = lambda cfg: helpers.synthetic_dataset()
   if FLAGS.no_report:
-    from lt_calib.calibration import report  # pylint: disable=g-import-not-at-top
-    report.write_training_report = lambda *args, **kwargs: None
+    helpers.skip_report()
   distributed.initialize(FLAGS.distributed, FLAGS.coordinator_address,
                          FLAGS.num_processes, FLAGS.process_id)
   mesh = parallel.make_mesh(interleaved_devices())
