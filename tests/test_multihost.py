@@ -112,10 +112,11 @@ def run_to_end(workdir, *flags, **kwargs) -> list:
 
 
 # What Gloo, JAX's CPU collectives library, prints when ranks connect: from
-# several threads at once, so one line may be cut by another ("...is : [Gloo]
-# Rank 3 ... is : 3" then "3" on a line of its own).
-GLOO = re.compile(r"\[Gloo\] Rank \d+ is connected to \d+ peer ranks\. Expected number "
-                  r"of connected peer ranks is : ")
+# several threads at once, so one message may be cut by another anywhere
+# ("[Gloo] Rank [Gloo] Rank 3 is connected to ... is : 3" then "1 is
+# connected to ..."): its two fixed pieces are taken out wherever they are.
+GLOO = re.compile(r"\[Gloo\] Rank|is connected to \d+ peer ranks\. Expected number "
+                  r"of connected peer ranks is :")
 
 
 # What the Google auth libraries log when they find no credentials, as with
