@@ -2,8 +2,8 @@
 
 - the compiled chunk (lax.scan over the step) equals the step loop for the
   same key, and how a run is cut into chunks changes no bit;
-- a run stopped and resumed equals the uncut run bit for bit, in the step
-  loop and in chunks;
+- a run stopped and resumed in chunks equals the uncut run bit for bit (in
+  the step loop: test_streaming_train, test_cli_runs);
 - K runs vmapped in one program equal their separately trained runs;
 - bfloat16 compute reaches float32's accuracy within a stated tolerance.
 """
@@ -65,23 +65,15 @@ def losses(workdir) -> list:
 
 
 @pytest.mark.slow
-def test_stopped_runs_resume_bit_for_bit_in_the_step_loop_and_in_compiled_chunks(
+def test_stopped_runs_resume_bit_for_bit_in_compiled_chunks(
     tmp_path, monkeypatch, no_report):
   dataset = synthetic_dataset()
   monkeypatch.setattr(data_lib, "load", lambda cfg: dataset)
-  # The step loop: a stop lands exactly where asked (7 of 11 steps of epoch
-  # 1, as on preemption); the same call resumes there.
+  # The step loop, uncut: the reference for the chunks' records. (Its stops
+  # land exactly where asked and resume bit for bit: test_streaming_train,
+  # lt_calib.check's resume mode and the CLI's SIGTERM in test_cli_runs.)
   loop = synthetic_config(steps_per_dispatch=1, log_every_steps=2)
-  uncut_loop = trainer.train_and_evaluate(loop, str(tmp_path / "loop"))
-  stopped = trainer.train_and_evaluate(loop, str(tmp_path / "loop_split"), stop_at_step=7)
-  assert stopped == {"stopped_at_step": 7, "reason": "stop_at_step"}
-  assert checkpointing.read_state_tree(tmp_path / "loop_split")[0] == 7
-  resumed = trainer.train_and_evaluate(loop, str(tmp_path / "loop_split"))
-  assert resumed["resumed_from_step"] == 7 and resumed["steps_this_run"] == 26
-  assert resumed["fingerprint"] == uncut_loop["fingerprint"]  # Bit for bit.
-  assert resumed["final"]["top1"] == uncut_loop["final"]["top1"]
-  # One record per interval, none twice.
-  assert losses(tmp_path / "loop_split") == losses(tmp_path / "loop")
+  trainer.train_and_evaluate(loop, str(tmp_path / "loop"))
   # Compiled chunks: 11 steps an epoch as two chunks of 4 and 3 single
   # steps; a stop asked at step 7 comes at the end of its chunk (8), so the
   # resumed run runs every step in the same program as an uncut one: the
@@ -90,9 +82,14 @@ def test_stopped_runs_resume_bit_for_bit_in_the_step_loop_and_in_compiled_chunks
   chunked = synthetic_config(steps_per_dispatch=4, log_every_steps=2)
   stopped = trainer.train_and_evaluate(chunked, str(tmp_path / "chunks"), stop_at_step=7)
   assert stopped == {"stopped_at_step": 8, "reason": "stop_at_step"}
+  assert checkpointing.read_state_tree(tmp_path / "chunks")[0] == 8
   summary = trainer.train_and_evaluate(chunked, str(tmp_path / "chunks"))
+  assert summary["resumed_from_step"] == 8 and summary["steps_this_run"] == 25
   uncut = trainer.train_and_evaluate(chunked, str(tmp_path / "uncut"))
-  assert summary["fingerprint"] == uncut["fingerprint"]
+  assert summary["fingerprint"] == uncut["fingerprint"]  # Bit for bit.
+  assert summary["final"]["top1"] == uncut["final"]["top1"]
+  # One record per interval, none twice.
+  assert losses(tmp_path / "chunks") == losses(tmp_path / "uncut")
   records, expected = train_records(tmp_path / "chunks"), train_records(tmp_path / "loop")
   # Every even step and each epoch's end (11, 22, 33), with the same losses.
   assert [r["step"] for r in records] == [r["step"] for r in expected] == sorted(

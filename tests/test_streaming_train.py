@@ -54,5 +54,6 @@ def test_streamed_run_counts_and_resumes_exactly(tmp_path, fake_root, no_report)
   assert split["stopped_at_step"] == stop
   resumed = trainer.train_and_evaluate(config, str(tmp_path / "split"))
   assert resumed["resumed_from_step"] == stop
+  assert resumed["steps_this_run"] == 2 * steps_per_epoch - stop
   assert resumed["fingerprint"] == whole["fingerprint"]
   assert np.isfinite([r["loss"] for r in train_records(tmp_path / "whole")]).all()

@@ -83,8 +83,8 @@ def synthetic_data(monkeypatch):
 
 
 def test_another_seed_starts_from_other_parameters():
-  # That one seed repeats bit for bit is lt_calib.check's 'repeat'
-  # (test_cli_runs.py::test_check_finds_repeat_and_resume_identical).
+  # That one seed repeats bit for bit: a fresh process ends with the bits of
+  # the session's run (test_cli_runs.py's SIGTERM-then-SIGKILL sequence).
   dataset, mesh = synthetic_dataset(), parallel.make_mesh()
   states = [setup_lib.build_for([synthetic_config(seed=seed)], dataset, mesh).state
             for seed in (0, 0, 1)]
