@@ -29,7 +29,7 @@ from lt_calib import data as data_lib
 from lt_calib.train import trainer
 from tests.conftest import REPO
 from tests.helpers import (FAKE_CLASSES, build_fake_lists, streamed_overrides,
-                           synthetic_dataset, tiny_config, train_records)
+                           synthetic_dataset, tiny_config)
 from tests.test_cli_runs import TINY, environment
 from tests.test_streaming_train import streamed_config
 
@@ -179,7 +179,7 @@ def test_sigterm_to_one_host_stops_both_and_the_rerun_continues_as_one_device(
   # Each host holds rows 0-8 and 18-26 of a batch of 36: fed the wrong rows,
   # the losses differ (the evaluation, gathered wrongly, counts images twice
   # or scores them against other labels).
-  reference = {r["step"]: r for r in train_records(tmp_path)}
+  reference = {r["step"]: r for r in records(tmp_path / "train_metrics.jsonl")}
   for record in logged:
     for key in LOGGED:
       np.testing.assert_allclose(record[key], reference[record["step"]][key], rtol=1e-5,
