@@ -29,6 +29,27 @@ from lt_calib.errors import MissingDependencyError
 # told otherwise; a user who wants gfile back sets EPATH_USE_TF=true.
 os.environ.setdefault("EPATH_USE_TF", "false")
 
+
+def _list_afresh() -> None:
+  """Every gcsfs client of this process asks the server for each listing.
+
+  A workdir on gs:// is written by other processes (the other hosts, the run
+  a preemption stopped and the one that resumed it), and gcsfs would
+  otherwise answer a listing from its first answer for the life of the
+  process: Orbax, listing `checkpoints/` through etils' client, would then
+  restore or evaluate a step that is no longer the latest. Set here, before
+  any client exists; a user's own fsspec setting is kept.
+  """
+  try:
+    import fsspec  # pylint: disable=g-import-not-at-top
+  except ImportError:  # No gs:// support installed; gcs_filesystem says so.
+    return
+  for protocol in ("gs", "gcs"):
+    fsspec.config.conf.setdefault(protocol, {}).setdefault("use_listings_cache", False)
+
+
+_list_afresh()
+
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 # The workplace's shared data folder beside the checkout (offline .npz files
 # and the published split lists); absent on a user's machine.
@@ -123,7 +144,6 @@ def append_text(path, text: str) -> None:
     return
   fs = gcs_filesystem()
   target = str(path)
-  fs.invalidate_cache(target)
   if not fs.exists(target):
     fs.pipe(target, text.encode())
     return
@@ -133,7 +153,6 @@ def append_text(path, text: str) -> None:
     fs.merge(target, [target, part])
   finally:
     fs.rm(part)
-  fs.invalidate_cache(target)
 
 
 def read_bytes(path) -> bytes:
@@ -163,8 +182,5 @@ def read_many(paths) -> list:
 
 
 def exists(path) -> bool:
-  """Whether a file exists now (gcsfs's listing cache is not consulted)."""
-  path = as_path(path)
-  if str(path).startswith("gs://"):
-    gcs_filesystem().invalidate_cache(str(path))
-  return path.exists()
+  """Whether a file exists now (on gs://, asked of the server: `_list_afresh`)."""
+  return as_path(path).exists()

@@ -56,6 +56,24 @@ def test_whole_files_on_gcs(gcs):
   assert storage.exists(path) and not storage.exists(path + ".tmp")
 
 
+def test_listings_on_gcs_show_what_another_client_wrote_since(gcs):
+  # Orbax finds a workdir's checkpoints by listing `checkpoints/` through
+  # etils; another process (a host, the run that resumed) adds steps after
+  # this one first listed it. A listing answered from gcsfs's cache would
+  # keep the old steps: evaluation and resume would take a stale "latest".
+  import fsspec  # pylint: disable=g-import-not-at-top
+  checkpoints = storage.as_path(gcs.folder("listing")) / "checkpoints"
+  (checkpoints / "4").mkdir(parents=True)
+  (checkpoints / "4" / "state").write_text("4")
+  assert sorted(p.name for p in checkpoints.iterdir()) == ["4"]
+  other = fsspec.filesystem("gs", skip_instance_cache=True)  # As another process's client.
+  other.pipe(f"{checkpoints}/11/state", b"11")
+  other.rm(f"{checkpoints}/4", recursive=True)
+  assert sorted(p.name for p in checkpoints.iterdir()) == ["11"]
+  assert storage.exists(checkpoints / "11" / "state")
+  assert not storage.exists(checkpoints / "4" / "state")
+
+
 class CountingSource:
   """A TFDS-like random-access source of serialized examples, counting reads."""
 
