@@ -71,8 +71,7 @@ def no_report(monkeypatch):
   about a second a run on 2 cores. The report itself is tested on `tiny_run`
   (test_train.py), by test_evaluate.py, in test_plots.py, for the members of
   a vmapped population, and in the runs the CLI and multi-process tests
-  start (tests/drivers/train_on_mesh.py's --no_report does the same for one
-  process).
+  start.
   """
   from tests import helpers  # pylint: disable=g-import-not-at-top
   helpers.skip_report(monkeypatch.setattr)

@@ -65,13 +65,12 @@ def train_records(workdir) -> list:
   return [json.loads(l) for l in path.read_text().splitlines() if l.strip()]
 
 
-def skip_report(setattr_fn=setattr) -> None:
+def skip_report(setattr_fn) -> None:
   """Runs end without the calibration report (report.md and its pictures).
 
   Args:
     setattr_fn: how to replace `report.write_training_report`: a
-      monkeypatch's `setattr` in a test (undone after it), the builtin in a
-      test driver's own process.
+      monkeypatch's `setattr` (undone after the test).
   """
   from lt_calib.calibration import report  # pylint: disable=g-import-not-at-top
   setattr_fn(report, "write_training_report", lambda *args, **kwargs: None)

@@ -47,8 +47,8 @@ def test_sigterm_then_sigkill_while_saving_and_the_same_command_resumes(tmp_path
   #    checkpoint before it stays, not the half-written one.
   # 3. The same command resumes from that one and ends bit-identical to the
   #    session's uninterrupted run, loading every program it runs (the
-  #    first two ran them all). Cold start's counters, from an empty cache:
-  #    test_multihost.py's streamed run.
+  #    first two ran them all). A rerun that compiles some programs and
+  #    loads others: test_multihost.py.
   _, expected = tiny_run
   env = environment()
   workdir = tmp_path / "run"

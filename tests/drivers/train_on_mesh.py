@@ -16,9 +16,6 @@ from absl import flags
 from lt_calib import cli
 from lt_calib import main as main_module  # Defines the trainer's flags.
 
-flags.DEFINE_bool("synthetic", False, "Train on tests/helpers.py's synthetic dataset.")
-flags.DEFINE_bool("no_report", False, "End without the calibration report (as tests' "
-                  "no_report fixture): for runs whose report is not under test.")
 FLAGS = flags.FLAGS
 
 
@@ -36,12 +33,6 @@ def main(argv):
   cli.quiet_libraries()
   from lt_calib import distributed, parallel  # pylint: disable=g-import-not-at-top
   from lt_calib.train import trainer  # pylint: disable=g-import-not-at-top
-  from tests import helpers  # pylint: disable=g-import-not-at-top
-  if FLAGS.synthetic:
-    from lt_calib import data  # pylint: disable=g-import-not-at-top
-    data.load = lambda cfg: helpers.synthetic_dataset()
-  if FLAGS.no_report:
-    helpers.skip_report()
   distributed.initialize(FLAGS.distributed, FLAGS.coordinator_address,
                          FLAGS.num_processes, FLAGS.process_id)
   mesh = parallel.make_mesh(interleaved_devices())
