@@ -197,7 +197,8 @@ def test_sigterm_to_one_host_stops_both_and_the_rerun_continues_as_one_device(
       np.testing.assert_allclose(record[key], reference[record["step"]][key], rtol=1e-5,
                                  err_msg=f"{key} at step {record['step']}")
   test_lines = (fake_lists / "ImageNet_LT_test.txt").read_text().splitlines()
-  assert summary["num_test_images"] == len(test_lines) == CLASSES * 5 == one["num_test_images"]
+  assert summary["num_test_images"] == one["num_test_images"] == len(test_lines) == (
+      FAKE_CLASSES * 5)
   for key in ("top1", "mean_class_acc", "ece"):  # An image's worth (1/60).
     assert abs(summary["final"][key] - one["final"][key]) <= 1 / 60, key
   np.testing.assert_allclose(summary["final"]["nll"], one["final"]["nll"], rtol=1e-4)
@@ -208,10 +209,7 @@ def test_sigterm_to_one_host_stops_both_and_the_rerun_continues_as_one_device(
   # The final checkpoint, which the rerun wrote after this process had
   # listed the preempted run's (read_state_tree above).
   assert result["checkpoint_step"] == TOTAL
-  assert result["num_test_images"] == CLASSES * 5
+  assert result["num_test_images"] == FAKE_CLASSES * 5
   assert result["summary"]["top1"] == pytest.approx(summary["final"]["top1"], abs=1e-9)
-  assert result["temperature"]["val_count_per_class"] == [2] * CLASSES
+  assert result["temperature"]["val_count_per_class"] == [2] * FAKE_CLASSES
   assert read(f"{workdir}/label_shift.csv").startswith("method,test_rho")
-
-
-CLASSES = FAKE_CLASSES
